@@ -1,0 +1,304 @@
+"""Optimizers: short ``optax.chain``s of this package's transformations.
+
+Each ends with ``optax.scale_by_learning_rate``, so ``learning_rate`` may be a
+number, an array, or an Optax schedule, and every numeric argument can be
+injected with ``optax.inject_hyperparams``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from bayesopt_jax._src import adam as adam_lib
+from bayesopt_jax._src import decay, validation
+
+ScalarOrSchedule = float | jax.Array | optax.Schedule
+PyTree = Any
+
+
+def _lr(learning_rate: ScalarOrSchedule, where: str) -> optax.GradientTransformation:
+    validation.check_learning_rate(learning_rate, where)
+    return optax.scale_by_learning_rate(learning_rate)
+
+
+def adam(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    *,
+    nesterov: bool = False,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Adam: :math:`\theta_t = \theta_{t-1} - \alpha_t\, \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)`.
+
+    ``chain(scale_by_adam(...), scale_by_learning_rate(learning_rate))``;
+    see :func:`~bayesopt_jax.scale_by_adam` for the moments. Same trajectory
+    as ``torch.optim.Adam`` and ``optax.adam``.
+
+    Args:
+      learning_rate: step size :math:`\alpha` (number or schedule), >= 0.
+      b1, b2, eps, eps_root: as in :func:`~bayesopt_jax.scale_by_adam`.
+      nesterov: Nesterov look-ahead (NAdam).
+      mu_dtype, nu_dtype: state dtypes.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import bayesopt_jax as bj
+      >>> params = jnp.array([1.0, -2.0])
+      >>> tx = bj.adam(0.1)
+      >>> state = tx.init(params)
+      >>> for _ in range(100):
+      ...     grads = jax.grad(lambda p: jnp.sum(p**2))(params)
+      ...     updates, state = tx.update(grads, state)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(jnp.abs(params).max() < 0.1)
+      True
+
+    References:
+      Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015.
+      https://arxiv.org/abs/1412.6980
+    """
+    return optax.chain(
+        adam_lib.scale_by_adam(
+            b1, b2, eps, eps_root, nesterov=nesterov, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+        ),
+        _lr(learning_rate, "adam"),
+    )
+
+
+def adamw(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    weight_decay: float | jax.Array = 1e-2,
+    mask: PyTree | None = None,
+    *,
+    nesterov: bool = False,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""AdamW: :math:`\theta_t = \theta_{t-1} - \alpha_t (\hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon) + \lambda \theta_{t-1})`.
+
+    The decay is added after Adam's scaling and multiplied by the learning
+    rate, as in ``torch.optim.AdamW`` and ``optax.adamw`` (which agree).
+
+    Args:
+      learning_rate: step size (number or schedule), >= 0.
+      b1, b2, eps, eps_root: as in :func:`~bayesopt_jax.scale_by_adam`.
+      weight_decay: :math:`\lambda` >= 0.
+      mask: which leaves to decay (pytree of bools or callable), see
+        :func:`~bayesopt_jax.add_decoupled_weight_decay`.
+      nesterov, mu_dtype, nu_dtype: as in :func:`adam`.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import bayesopt_jax as bj
+      >>> params = {"w": jnp.ones(2), "b": jnp.ones(2)}
+      >>> tx = bj.adamw(0.1, weight_decay=0.5, mask={"w": True, "b": False})
+      >>> zeros = {"w": jnp.zeros(2), "b": jnp.zeros(2)}
+      >>> u, _ = tx.update(zeros, tx.init(params), params)
+      >>> round(float(u["w"][0]), 4), float(u["b"][0]) == 0  # only w decays: -0.1 * 0.5 * 1
+      (-0.05, True)
+
+    References:
+      Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
+      https://arxiv.org/abs/1711.05101
+    """
+    return optax.chain(
+        adam_lib.scale_by_adam(
+            b1, b2, eps, eps_root, nesterov=nesterov, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+        ),
+        decay.add_decoupled_weight_decay(weight_decay, mask),
+        _lr(learning_rate, "adamw"),
+    )
+
+
+def amsgrad(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    *,
+    max_of: str = "raw",
+    bias_correction: bool = True,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""AMSGrad: Adam with a running maximum of the second moment.
+
+    The default ``max_of="raw"`` is ``torch.optim.Adam(amsgrad=True)``;
+    ``max_of="corrected"`` is ``optax.amsgrad``; ``bias_correction=False`` is
+    the original algorithm of Reddi et al. See
+    :func:`~bayesopt_jax.scale_by_amsgrad`.
+
+    Args:
+      learning_rate: step size (number or schedule), >= 0.
+      b1, b2, eps, eps_root: as in :func:`~bayesopt_jax.scale_by_adam`.
+      max_of: ``"raw"`` or ``"corrected"``.
+      bias_correction: divide the moments by :math:`1-b^t`.
+      mu_dtype, nu_dtype: state dtypes.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import bayesopt_jax as bj
+      >>> tx = bj.amsgrad(0.1)
+      >>> u, _ = tx.update(jnp.array([2.0]), tx.init(jnp.zeros(1)))
+      >>> [round(x, 4) for x in u.tolist()]
+      [-0.1]
+
+    References:
+      Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
+      https://openreview.net/forum?id=ryQu7f-RZ
+    """
+    return optax.chain(
+        adam_lib.scale_by_amsgrad(
+            b1,
+            b2,
+            eps,
+            eps_root,
+            max_of=max_of,
+            bias_correction=bias_correction,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+        _lr(learning_rate, "amsgrad"),
+    )
+
+
+def adamax(
+    learning_rate: ScalarOrSchedule = 2e-3,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+) -> optax.GradientTransformation:
+    r"""AdaMax: :math:`\theta_t = \theta_{t-1} - \alpha_t\, \hat m_t / \nu_t`, :math:`\nu_t = \max(b_2\nu_{t-1}, |g_t| + \epsilon)`.
+
+    Same trajectory as ``torch.optim.Adamax`` and ``optax.adamax``.
+
+    Args:
+      learning_rate: step size (number or schedule), >= 0.
+      b1, b2, eps: as in :func:`~bayesopt_jax.scale_by_adamax`.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import bayesopt_jax as bj
+      >>> tx = bj.adamax(0.5, eps=0.0)
+      >>> u, _ = tx.update(jnp.array([-3.0]), tx.init(jnp.zeros(1)))
+      >>> [round(x, 4) for x in u.tolist()]
+      [0.5]
+
+    References:
+      Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015,
+      section 7.1. https://arxiv.org/abs/1412.6980
+    """
+    return optax.chain(adam_lib.scale_by_adamax(b1, b2, eps), _lr(learning_rate, "adamax"))
+
+
+def adagrad(
+    learning_rate: ScalarOrSchedule = 1e-2,
+    initial_accumulator_value: float | jax.Array = 0.0,
+    eps: float | jax.Array = 1e-10,
+) -> optax.GradientTransformation:
+    r"""AdaGrad: :math:`\theta_t = \theta_{t-1} - \alpha_t\, g_t / (\sqrt{a_t} + \epsilon)`, :math:`a_t = a_{t-1} + |g_t|^2`.
+
+    Same trajectory as ``torch.optim.Adagrad`` (``lr_decay=0``). Differs from
+    ``optax.adagrad``, which puts ``eps`` inside the square root.
+
+    Args:
+      learning_rate: step size (number or schedule), >= 0.
+      initial_accumulator_value: :math:`a_0` >= 0.
+      eps: added outside the square root, >= 0.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import bayesopt_jax as bj
+      >>> tx = bj.adagrad(1.0, eps=0.0)
+      >>> u, _ = tx.update(jnp.array([-3.0]), tx.init(jnp.zeros(1)))
+      >>> u
+      Array([1.], dtype=float32)
+
+    References:
+      Duchi, Hazan & Singer, JMLR 12 (2011). https://jmlr.org/papers/v12/duchi11a.html
+    """
+    return optax.chain(
+        adam_lib.scale_by_rss(initial_accumulator_value, eps), _lr(learning_rate, "adagrad")
+    )
+
+
+def rmsprop(
+    learning_rate: ScalarOrSchedule = 1e-2,
+    decay: float | jax.Array = 0.99,
+    eps: float | jax.Array = 1e-8,
+    *,
+    centered: bool = False,
+    momentum: float | jax.Array = 0.0,
+    eps_in_sqrt: bool = False,
+) -> optax.GradientTransformation:
+    r"""RMSProp as in ``torch.optim.RMSprop`` (``alpha`` is our ``decay``).
+
+    .. math::
+        b_t = \mu\, b_{t-1} + g_t / (\sqrt{s_t} + \epsilon), \qquad \theta_t = \theta_{t-1} - \alpha_t b_t
+
+    with :math:`s_t` from :func:`~bayesopt_jax.scale_by_rms` and momentum
+    :math:`\mu` applied before the learning rate (PyTorch's order). A plain
+    ``momentum=0`` allocates no momentum buffer; an injected (array)
+    momentum always has one, so the state structure never depends on a value.
+    ``optax.rmsprop`` differs by default: it puts ``eps`` inside the square root.
+
+    Args:
+      learning_rate: step size (number or schedule), >= 0.
+      decay: EMA decay of the squared gradients, in [0, 1).
+      eps: stabiliser, >= 0.
+      centered: divide by an estimate of the variance instead of the second moment.
+      momentum: heavy-ball momentum on the scaled gradient, in [0, 1).
+      eps_in_sqrt: add ``eps`` inside the square root.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import bayesopt_jax as bj
+      >>> tx = bj.rmsprop(0.1, decay=0.0, eps=0.0, momentum=0.5)
+      >>> s = tx.init(jnp.zeros(1))
+      >>> u, s = tx.update(jnp.array([2.0]), s)
+      >>> u, s = tx.update(jnp.array([2.0]), s)
+      >>> u  # -0.1 * (1 + 0.5 * 1)
+      Array([-0.15], dtype=float32)
+
+    References:
+      Hinton, Srivastava & Swersky, lecture 6e (2012).
+      https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf
+    """
+    validation.check_decay("momentum", momentum, "rmsprop")
+    parts = [
+        adam_lib.scale_by_rms(decay, eps, eps_in_sqrt=eps_in_sqrt, centered=centered),
+    ]
+    if not validation.is_static_zero(momentum):
+        parts.append(optax.trace(decay=momentum))
+    parts.append(_lr(learning_rate, "rmsprop"))
+    return optax.chain(*parts)

@@ -1,0 +1,281 @@
+"""Shared building blocks: moments, bias correction, running maxima, counters.
+
+Everything elementwise in this package is computed in at least float32 (see
+:func:`compute_dtype`) and cast back to the dtype of the gradient (updates) or
+of the state buffer (moments) at the end, so bf16/fp16 training never
+accumulates in half precision and ``eps`` never underflows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bayesopt_jax._src import validation
+
+Array = jax.Array
+PyTree = Any
+
+
+# --------------------------------------------------------------------------
+# dtypes
+# --------------------------------------------------------------------------
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype arithmetic happens in: ``dtype`` promoted to at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def real_dtype(dtype: Any) -> jnp.dtype:
+    """The real counterpart of a (possibly complex) floating dtype."""
+    return jnp.finfo(dtype).dtype
+
+
+def abs_sq(x: Array) -> Array:
+    """``|x|²`` elementwise; real for complex input."""
+    if jnp.iscomplexobj(x):
+        return jnp.real(x) ** 2 + jnp.imag(x) ** 2
+    return x * x
+
+
+# --------------------------------------------------------------------------
+# state buffers
+# --------------------------------------------------------------------------
+
+
+def zeros_like(x: Array, dtype: Any = None) -> Array:
+    """Zeros shaped like ``x`` that follow ``x``'s sharding, also under ``jit``.
+
+    ``jnp.zeros_like`` of a traced argument is a constant, and XLA's sharding
+    propagation is free to place a constant anywhere (typically replicated).
+    Computing the zeros *from* ``x`` ties them to ``x``'s sharding. ``where``
+    first removes non-finite values so that ``inf * 0`` cannot leak a NaN.
+    """
+    x = jnp.asarray(x)
+    dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+    finite = jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+    zero = finite * jnp.zeros((), x.dtype)
+    if jnp.iscomplexobj(zero) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        zero = jnp.real(zero)
+    return zero.astype(dtype)
+
+
+def full_like(x: Array, value: Any, dtype: Any = None) -> Array:
+    """``value`` broadcast like ``x``, following ``x``'s sharding (see :func:`zeros_like`)."""
+    z = zeros_like(x, dtype)
+    return z + jnp.asarray(value).astype(z.dtype)
+
+
+def tree_zeros_like(tree: PyTree, dtype: Any = None, *, real: bool = False) -> PyTree:
+    """:func:`zeros_like` on every leaf; ``real=True`` gives real buffers for complex leaves."""
+
+    def leaf(x):
+        dt = dtype
+        if dt is None:
+            dt = jnp.asarray(x).dtype
+            if real:
+                dt = real_dtype(dt)
+        return zeros_like(x, dt)
+
+    return jax.tree.map(leaf, tree)
+
+
+def zero_count() -> Array:
+    """A fresh int32 step counter (saturates via :func:`optax.safe_increment`)."""
+    return jnp.zeros([], jnp.int32)
+
+
+# --------------------------------------------------------------------------
+# tree plumbing
+# --------------------------------------------------------------------------
+
+
+def check_tree_match(where: str, tree: PyTree, reference: PyTree, ref_name: str) -> None:
+    """Raises ``ValueError`` when ``tree`` does not have ``reference``'s structure."""
+    got = jax.tree.structure(tree)
+    expected = jax.tree.structure(reference)
+    if got != expected:
+        raise ValueError(
+            f"{where}: the updates tree does not match the optimizer state ({ref_name}).\n"
+            f"  expected structure: {expected}\n"
+            f"  got structure:      {got}\n"
+            "Was the state initialised with a different parameter tree?"
+        )
+
+
+def tree_map_multi(
+    fn: Callable[..., Sequence[Any]],
+    num_outputs: int,
+    tree: PyTree,
+    *rest: PyTree,
+) -> tuple[PyTree, ...]:
+    """Maps ``fn`` (returning ``num_outputs`` values) over leaves; returns that many trees.
+
+    ``rest`` must have ``tree``'s structure (or be ``None`` to pass ``None``).
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    others = [[None] * len(leaves) if r is None else treedef.flatten_up_to(r) for r in rest]
+    outs = [fn(*args) for args in zip(leaves, *others, strict=True)]
+    if not outs:
+        return tuple(treedef.unflatten([]) for _ in range(num_outputs))
+    return tuple(treedef.unflatten(list(col)) for col in zip(*outs, strict=True))
+
+
+# --------------------------------------------------------------------------
+# scalar pieces
+# --------------------------------------------------------------------------
+
+
+def debias_factor(decay: Any, count: Array, dtype: Any) -> Array:
+    """``1 - decay**count`` in ``dtype`` (at least float32).
+
+    At the saturated int32 count this is 1 (never 0, never NaN) for any
+    ``decay`` in [0, 1).
+    """
+    dtype = real_dtype(compute_dtype(dtype))
+    # 1 - d**t = -expm1(t log d): accurate to about one ulp even where
+    # d**t is close to 1 (early steps), unlike the direct subtraction.
+    if isinstance(decay, int | float):
+        log_decay = jnp.asarray(math.log(decay) if decay > 0 else -math.inf, dtype)
+    else:
+        log_decay = jnp.log(jnp.asarray(decay, dtype))
+    return -jnp.expm1(count.astype(dtype) * log_decay)
+
+
+def ema(new: Array, old: Array, decay: Any) -> Array:
+    """``decay * old + (1 - decay) * new`` (both already in the compute dtype)."""
+    dt = real_dtype(new.dtype)
+    # ``1 - decay`` is formed before the cast, so a Python decay of 0.9 gives
+    # the same float32 weight 0.1 as Optax and PyTorch do.
+    return jnp.asarray(decay, dt) * old + jnp.asarray(1 - decay, dt) * new
+
+
+# --------------------------------------------------------------------------
+# composable transformations
+# --------------------------------------------------------------------------
+
+
+class BiasCorrectionState(NamedTuple):
+    """State of :func:`bias_correction`.
+
+    Attributes:
+      count: number of updates seen so far (int32, saturating).
+    """
+
+    count: Array
+
+
+def bias_correction(decay: Any) -> optax.GradientTransformation:
+    r"""Divides its input by ``1 - decay**t`` (the EMA debiasing of Kingma & Ba).
+
+    .. math::
+        t \leftarrow t + 1, \qquad u_t = x_t / (1 - \text{decay}^t)
+
+    Placed after an undebiased exponential moving average with the same
+    decay, it removes the bias towards the zero initialisation.
+
+    Args:
+      decay: the decay rate of the moving average being corrected, in [0, 1).
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from bayesopt_jax import bias_correction
+      >>> tx = optax.chain(optax.ema(0.9, debias=False), bias_correction(0.9))
+      >>> state = tx.init(jnp.zeros(2))
+      >>> u, state = tx.update(jnp.array([1.0, 2.0]), state)
+      >>> [round(x, 4) for x in u.tolist()]  # the first debiased average is the first input
+      [1.0, 2.0]
+
+    References:
+      Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015,
+      section 3. https://arxiv.org/abs/1412.6980
+    """
+    validation.check_decay("decay", decay, "bias_correction")
+
+    def init_fn(params):
+        del params
+        return BiasCorrectionState(count=zero_count())
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+
+        def leaf(x):
+            c = compute_dtype(x.dtype)
+            return (x.astype(c) / debias_factor(decay, count, c)).astype(x.dtype)
+
+        return jax.tree.map(leaf, updates), BiasCorrectionState(count=count)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class AmsgradMaxState(NamedTuple):
+    """State of :func:`amsgrad_max`.
+
+    Attributes:
+      count: number of updates seen so far (int32, saturating).
+      nu_max: the elementwise maximum of every input seen so far.
+    """
+
+    count: Array
+    nu_max: PyTree
+
+
+def running_max(x: Array, prev: Array, count: Array) -> Array:
+    """``max(prev, x)`` except on the first step (``count == 1``), where it is ``x``."""
+    return jnp.where(count <= 1, x, jnp.maximum(prev, x))
+
+
+def amsgrad_max() -> optax.GradientTransformation:
+    r"""Replaces its input by the elementwise running maximum of all inputs so far.
+
+    .. math::
+        \hat v^{\max}_1 = x_1, \qquad \hat v^{\max}_t = \max(\hat v^{\max}_{t-1}, x_t)
+
+    The maximum starts from the first input (not from zero), so it is a true
+    running maximum for inputs of any sign. Real inputs only.
+
+    Returns:
+      An ``optax.GradientTransformation``; its state is
+      :class:`AmsgradMaxState`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from bayesopt_jax import amsgrad_max
+      >>> tx = amsgrad_max()
+      >>> s = tx.init(jnp.zeros(2))
+      >>> _, s = tx.update(jnp.array([3.0, -1.0]), s)
+      >>> u, s = tx.update(jnp.array([1.0, -2.0]), s)
+      >>> u
+      Array([ 3., -1.], dtype=float32)
+
+    References:
+      Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
+      https://openreview.net/forum?id=ryQu7f-RZ
+    """
+
+    def init_fn(params):
+        return AmsgradMaxState(count=zero_count(), nu_max=tree_zeros_like(params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        check_tree_match("amsgrad_max", updates, state.nu_max, "nu_max")
+        count = optax.safe_increment(state.count)
+
+        def leaf(x, prev):
+            new = running_max(x.astype(prev.dtype), prev, count)
+            return new.astype(x.dtype), new
+
+        out, nu_max = tree_map_multi(leaf, 2, updates, state.nu_max)
+        return out, AmsgradMaxState(count=count, nu_max=nu_max)
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,25 @@
+"""Small utilities shared by the tests."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def run_updates(tx, grads, params=None):
+    """Feeds a list of gradients through ``tx``; returns the updates as NumPy arrays."""
+    params = jnp.zeros_like(jnp.asarray(grads[0])) if params is None else params
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    out = []
+    for g in grads:
+        u, state = update(jnp.asarray(g), state, params)
+        out.append(np.asarray(u))
+    return out, state
+
+
+def assert_trajectory_close(got, want, rtol, atol=0.0):
+    assert len(got) == len(want)
+    for t, (a, b) in enumerate(zip(got, want, strict=True)):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=f"step {t + 1}")

@@ -1,0 +1,151 @@
+"""The Adam-family transformations against float64 NumPy transcriptions."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference as ref
+from conftest import grad_stream
+from helpers import assert_trajectory_close, run_updates
+
+import bayesopt_jax as bj
+
+RTOL64 = 1e-12
+
+
+@pytest.mark.parametrize(
+    "b1,b2,eps,eps_root,bias_correction,nesterov",
+    [
+        (0.9, 0.999, 1e-8, 0.0, True, False),
+        (0.5, 0.9, 1e-3, 1e-6, True, False),
+        (0.0, 0.99, 1e-8, 0.0, True, False),
+        (0.9, 0.999, 1e-8, 0.0, True, True),
+        (0.8, 0.95, 1e-6, 0.0, False, False),
+        (0.8, 0.95, 1e-6, 0.0, False, True),
+    ],
+)
+def test_scale_by_adam_matches_reference(
+    x64, rng, b1, b2, eps, eps_root, bias_correction, nesterov
+):
+    grads = grad_stream(rng, steps=200)
+    tx = bj.scale_by_adam(b1, b2, eps, eps_root, bias_correction=bias_correction, nesterov=nesterov)
+    got, state = run_updates(tx, grads)
+    want = ref.adam(grads, b1, b2, eps, eps_root, bias_correction, nesterov)
+    assert_trajectory_close(got, want, RTOL64)
+    assert int(state.count) == 200
+
+
+@pytest.mark.parametrize(
+    "max_of,bias_correction", [("raw", True), ("corrected", True), ("raw", False)]
+)
+def test_scale_by_amsgrad_three_conventions(x64, rng, max_of, bias_correction):
+    # Large early gradients, then small ones: the running max matters.
+    grads = grad_stream(rng, steps=40, scale=10.0) + grad_stream(rng, steps=160, scale=0.1)
+    tx = bj.scale_by_amsgrad(0.9, 0.99, 1e-8, max_of=max_of, bias_correction=bias_correction)
+    got, _ = run_updates(tx, grads)
+    want = ref.amsgrad(grads, 0.9, 0.99, 1e-8, 0.0, max_of, bias_correction)
+    assert_trajectory_close(got, want, RTOL64)
+
+
+def test_amsgrad_conventions_really_differ(x64, rng):
+    grads = grad_stream(rng, steps=20, scale=10.0) + grad_stream(rng, steps=80, scale=0.1)
+    outs = [
+        run_updates(bj.scale_by_amsgrad(max_of=m, bias_correction=bc), grads)[0][-1]
+        for m, bc in [("raw", True), ("corrected", True), ("raw", False)]
+    ]
+    for a, b in itertools.combinations(outs, 2):
+        assert np.max(np.abs(a - b) / np.abs(b)) > 1e-3
+
+
+@pytest.mark.parametrize("b1,b2,eps", [(0.9, 0.999, 1e-8), (0.5, 0.9, 1e-3), (0.0, 0.99, 0.0)])
+def test_scale_by_adamax_matches_reference(x64, rng, b1, b2, eps):
+    grads = grad_stream(rng, steps=200)
+    got, _ = run_updates(bj.scale_by_adamax(b1, b2, eps), grads)
+    assert_trajectory_close(got, ref.adamax(grads, b1, b2, eps), RTOL64)
+
+
+@pytest.mark.parametrize(
+    "decay,eps,eps_in_sqrt,bias_correction,centered",
+    list(itertools.product([0.9, 0.99], [1e-8, 1e-2], [False, True], [False, True], [False, True])),
+)
+def test_scale_by_rms_matches_reference(
+    x64, rng, decay, eps, eps_in_sqrt, bias_correction, centered
+):
+    grads = grad_stream(rng, steps=100)
+    tx = bj.scale_by_rms(
+        decay, eps, eps_in_sqrt=eps_in_sqrt, bias_correction=bias_correction, centered=centered
+    )
+    got, state = run_updates(tx, grads)
+    want = ref.rms(grads, decay, eps, eps_in_sqrt, bias_correction, centered)
+    if centered and bias_correction:
+        # At t = 1 the debiased variance v̂ - m̂² is exactly 0 in exact
+        # arithmetic; both sides only see rounding noise there.
+        got, want = got[1:], want[1:]
+    assert_trajectory_close(got, want, 1e-11)
+    assert (state.mu is None) == (not centered)
+
+
+@pytest.mark.parametrize("init,eps", [(0.0, 1e-10), (0.1, 1e-10), (1.0, 0.0)])
+def test_scale_by_rss_matches_reference(x64, rng, init, eps):
+    grads = grad_stream(rng, steps=200)
+    got, _ = run_updates(bj.scale_by_rss(init, eps), grads)
+    assert_trajectory_close(got, ref.rss(grads, init, eps), RTOL64)
+
+
+def test_first_adam_step_is_sign_and_zero_gradient_is_zero():
+    u, _ = run_updates(bj.scale_by_adam(), [np.array([1e-3, -5.0, 0.0], np.float32)])
+    np.testing.assert_allclose(u[0], [1.0, -1.0, 0.0], rtol=1e-4)
+
+
+def test_complex_parameters(x64, rng):
+    """Second moments from |g|², first moments complex (as Optax and PyTorch)."""
+    grads = [
+        (rng.normal(size=4) + 1j * rng.normal(size=4)).astype(np.complex128) for _ in range(50)
+    ]
+    params = jnp.zeros(4, jnp.complex128)
+    got, state = run_updates(bj.scale_by_adam(), grads, params)
+    assert_trajectory_close(got, ref.adam(grads), RTOL64)
+    assert state.mu.dtype == jnp.complex128
+    assert state.nu.dtype == jnp.float64
+    for tx in [bj.scale_by_amsgrad(), bj.scale_by_rms(centered=True), bj.scale_by_rss()]:
+        got, _ = run_updates(tx, grads, params)
+        assert got[-1].dtype == np.complex128
+        assert np.all(np.isfinite(got[-1]))
+    # RMS of a complex stream matches the |g|² transcription.
+    got, _ = run_updates(bj.scale_by_rss(), grads, params)
+    a = np.cumsum([np.abs(g) ** 2 for g in grads], axis=0)
+    np.testing.assert_allclose(got[-1], grads[-1] / (np.sqrt(a[-1]) + 1e-10), rtol=1e-12)
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("state_dtype", [None, jnp.bfloat16, jnp.float32])
+def test_state_and_update_dtypes(rng, param_dtype, state_dtype):
+    params = {"w": jnp.zeros((3, 2), param_dtype), "b": jnp.zeros(2, param_dtype)}
+    tx = bj.scale_by_adam(mu_dtype=state_dtype, nu_dtype=state_dtype)
+    state = tx.init(params)
+    expect = param_dtype if state_dtype is None else state_dtype
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    upd = jax.jit(tx.update)
+    for _ in range(3):
+        u, state = upd(grads, state)
+    for leaf in jax.tree.leaves(state.mu) + jax.tree.leaves(state.nu):
+        assert leaf.dtype == expect
+    for leaf in jax.tree.leaves(u):
+        assert leaf.dtype == param_dtype
+        assert bool(jnp.all(jnp.isfinite(leaf)))
+
+
+def test_low_precision_arithmetic_is_float32():
+    """fp16 gradients whose squares underflow in fp16 still give Adam's first step."""
+    g = jnp.array([1e-5, -3e-5], jnp.float16)  # g² ~ 1e-10 underflows in fp16
+    tx = bj.scale_by_adam(nu_dtype=jnp.float32)
+    u, state = tx.update(g, tx.init(jnp.zeros(2, jnp.float16)))
+    assert u.dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(u, np.float32), [1.0, -1.0], rtol=2e-3)
+    assert float(state.nu[0]) > 0
+    # eps is applied in float32 arithmetic, so it does not underflow to 0 in fp16:
+    tx = bj.scale_by_rms(decay=0.0, eps=1e-8)
+    u, _ = tx.update(jnp.zeros(2, jnp.float16), tx.init(jnp.zeros(2, jnp.float16)))
+    assert bool(jnp.all(u == 0))

@@ -1,0 +1,80 @@
+"""The composable pieces: bias_correction, amsgrad_max, and the buffer helpers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import grad_stream
+from helpers import run_updates
+
+import bayesopt_jax as bj
+from bayesopt_jax._src import moments
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.9, 0.999])
+def test_bias_correction_after_raw_ema_is_debiased_ema(x64, rng, decay):
+    grads = grad_stream(rng, steps=60)
+    tx = optax.chain(optax.ema(decay, debias=False), bj.bias_correction(decay))
+    got, _ = run_updates(tx, grads)
+    # Closed form: the debiased EMA is a normalised weighted average.
+    for t in range(1, len(grads) + 1):
+        w = np.array([(1 - decay) * decay ** (t - k) for k in range(1, t + 1)])
+        want = (w[:, None] * np.array(grads[:t])).sum(0) / w.sum()
+        np.testing.assert_allclose(got[t - 1], want, rtol=1e-12)
+    # ... and equals Optax's built-in debiased EMA.
+    want, _ = run_updates(optax.ema(decay, debias=True), grads)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-12)
+
+
+def test_bias_correction_with_saturated_count_is_finite():
+    tx = bj.bias_correction(0.9)
+    state = bj.BiasCorrectionState(count=jnp.asarray(jnp.iinfo(jnp.int32).max, jnp.int32))
+    u, state = tx.update(jnp.ones(3), state)
+    np.testing.assert_array_equal(u, 1.0)
+    assert int(state.count) == jnp.iinfo(jnp.int32).max
+
+
+def test_amsgrad_max_is_running_max_for_any_sign(x64, rng):
+    grads = grad_stream(rng, steps=50)
+    grads = [g - 5.0 for g in grads]  # mostly negative inputs
+    got, _ = run_updates(bj.amsgrad_max(), grads)
+    np.testing.assert_array_equal(np.array(got), np.maximum.accumulate(np.array(grads), axis=0))
+
+
+def test_amsgrad_from_pieces_matches_corrected_convention(x64, rng):
+    """Composing the pieces on the second moment gives Optax's AMSGrad maximum."""
+    grads = grad_stream(rng, steps=80, scale=5.0) + grad_stream(rng, steps=80, scale=0.1)
+    pieces = optax.chain(optax.ema(0.99, debias=False), bj.bias_correction(0.99), bj.amsgrad_max())
+    got, _ = run_updates(pieces, [g * g for g in grads])
+    _, state = run_updates(bj.scale_by_amsgrad(b2=0.99, max_of="corrected"), grads)
+    np.testing.assert_allclose(got[-1], state.nu_max, rtol=1e-12)
+
+
+def test_zeros_like_is_finite_and_typed():
+    x = jnp.array([jnp.inf, -jnp.inf, jnp.nan, 1.0], jnp.bfloat16)
+    z = moments.zeros_like(x, jnp.float32)
+    assert z.dtype == jnp.float32
+    np.testing.assert_array_equal(z, 0.0)
+    zc = moments.zeros_like(jnp.ones(2, jnp.complex64), jnp.float32)
+    assert zc.dtype == jnp.float32
+    assert moments.zeros_like(jnp.zeros((0, 3))).shape == (0, 3)
+
+
+def test_zeros_like_keeps_sharding_under_jit():
+    devices = np.array(jax.devices()[:8]).reshape(4, 2)
+    if devices.size < 8:
+        pytest.skip("needs 8 devices")
+    mesh = jax.sharding.Mesh(devices, ("data", "model"))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "model"))
+    x = jax.device_put(jnp.ones((8, 4)), spec)
+    z = jax.jit(moments.zeros_like)(x)
+    assert z.sharding.is_equivalent_to(spec, 2)
+    state = jax.jit(bj.adam().init)({"w": x})
+    for leaf in jax.tree.leaves(state[0].mu) + jax.tree.leaves(state[0].nu):
+        assert leaf.sharding.is_equivalent_to(spec, 2)
+
+
+def test_tree_map_multi_rejects_mismatch():
+    with pytest.raises(ValueError):
+        moments.tree_map_multi(lambda a, b: (a, b), 2, {"a": 1.0}, {"b": 2.0})

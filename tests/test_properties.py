@@ -1,0 +1,248 @@
+"""DESIGN §3 properties, for every optimizer of the package."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from registry import OPTIMIZERS, make
+
+import bayesopt_jax as bj
+
+NAMES = sorted(OPTIMIZERS)
+
+
+def _params():
+    return {
+        "w": jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float32).reshape(3, 4),
+        "b": jnp.array([0.5, -0.25], jnp.float32),
+        "s": jnp.array(2.0, jnp.float32),
+    }
+
+
+def _loss(p):
+    return jnp.sum(p["w"] ** 2) + jnp.sum(jnp.sin(p["b"])) + p["s"] ** 2
+
+
+def _signature(tree):
+    return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixed_state_and_no_recompilation(name):
+    tx = make(name)
+    params = _params()
+    state = tx.init(params)
+    sig0 = _signature(state)
+    traces = []
+
+    @jax.jit
+    def step(p, s):
+        traces.append(1)
+        u, s = tx.update(jax.grad(_loss)(p), s, p)
+        return optax.apply_updates(p, u), s
+
+    loss0 = float(_loss(params))
+    for _ in range(5):
+        params, state = step(params, state)
+        assert _signature(state) == sig0
+    assert len(traces) == 1
+    assert float(_loss(params)) < loss0
+    for leaf in jax.tree.leaves(params):
+        assert leaf.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_buffers_are_distinct_and_donatable(name):
+    tx = make(name)
+    params = _params()
+    state = tx.init(params)
+    leaves = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+    ptrs = [x.unsafe_buffer_pointer() for x in leaves if x.size > 0]
+    assert len(ptrs) == len(set(ptrs))
+    # Donating the params and the freshly initialised state must work.
+    step = jax.jit(
+        lambda p, s: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
+            tx.update(jax.grad(_loss)(p), s, p)
+        ),
+        donate_argnums=(0, 1),
+    )
+    params, state = step(params, state)
+    params, state = step(params, state)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inside_scan_and_cond(name):
+    tx = make(name)
+    params = _params()
+
+    def body(carry, _):
+        p, s = carry
+        u, s = tx.update(jax.grad(_loss)(p), s, p)
+        return (optax.apply_updates(p, u), s), _loss(p)
+
+    (p_scan, s_scan), losses = jax.lax.scan(body, (params, tx.init(params)), length=6)
+    # The same steps by hand.
+    p, s = params, tx.init(params)
+    for _ in range(6):
+        (p, s), _ = body((p, s), None)
+    for a, b in zip(jax.tree.leaves((p_scan, s_scan)), jax.tree.leaves((p, s)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert losses[-1] < losses[0]
+
+    # lax.cond: one branch steps, the other keeps the state.
+    def maybe_step(flag, p, s):
+        return jax.lax.cond(
+            flag,
+            lambda: tx.update(jax.grad(_loss)(p), s, p),
+            lambda: (jax.tree.map(jnp.zeros_like, p), s),
+        )
+
+    s0 = tx.init(params)
+    _, s_kept = jax.jit(maybe_step)(False, params, s0)
+    for a, b in zip(jax.tree.leaves(s_kept), jax.tree.leaves(s0), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_apply_if_finite_skips_bad_steps_bit_identically(name):
+    tx = optax.apply_if_finite(make(name), max_consecutive_errors=5)
+    params = _params()
+    state = tx.init(params)
+    g = jax.grad(_loss)(params)
+    _, state = tx.update(g, state, params)
+    for bad in (jnp.nan, jnp.inf):
+        g_bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(bad), g)
+        u, new_state = jax.jit(tx.update)(g_bad, state, params)
+        for a, b in zip(
+            jax.tree.leaves(new_state.inner_state), jax.tree.leaves(state.inner_state), strict=True
+        ):
+            np.testing.assert_array_equal(a, b)
+        for leaf in jax.tree.leaves(u):
+            np.testing.assert_array_equal(leaf, 0)
+        assert int(new_state.notfinite_count) == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_multisteps_equals_mean_gradient(name):
+    k = 3
+    params = _params()
+    rng = np.random.default_rng(1)
+    micro = [
+        jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+        for _ in range(k)
+    ]
+    multi = optax.MultiSteps(make(name), every_k_schedule=k)
+    s = multi.init(params)
+    for g in micro:
+        u_multi, s = multi.update(g, s, params)
+    plain = make(name)
+    mean = jax.tree.map(lambda *xs: sum(xs) / k, *micro)
+    u_plain, _ = plain.update(mean, plain.init(params), params)
+    for a, b in zip(jax.tree.leaves(u_multi), jax.tree.leaves(u_plain), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_numeric_argument_is_injectable(name):
+    factory, kwargs = OPTIMIZERS[name]
+    injected = optax.inject_hyperparams(factory)(**kwargs)
+    params = _params()
+    s_inj = injected.init(params)
+    plain = factory(**kwargs)
+    s_plain = plain.init(params)
+    upd = jax.jit(injected.update)
+    for _ in range(3):
+        g = jax.grad(_loss)(params)
+        u_inj, s_inj = upd(g, s_inj, params)
+        u_plain, s_plain = plain.update(g, s_plain, params)
+        for a, b in zip(jax.tree.leaves(u_inj), jax.tree.leaves(u_plain), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    assert set(kwargs) <= set(s_inj.hyperparams)
+    # Changing an injected value changes the step, with no retrace needed.
+    s_inj.hyperparams["learning_rate"] = jnp.asarray(0.0)
+    u_zero, _ = upd(jax.grad(_loss)(params), s_inj, params)
+    for leaf in jax.tree.leaves(u_zero):
+        np.testing.assert_array_equal(leaf, 0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_schedule_learning_rate(name):
+    sched = optax.linear_schedule(1.0, 0.0, transition_steps=2)
+    tx = make(name, learning_rate=sched)
+    params = _params()
+    s = tx.init(params)
+    g = jax.grad(_loss)(params)
+    for _ in range(3):
+        u, s = tx.update(g, s, params)
+    for leaf in jax.tree.leaves(u):  # the schedule reached 0 at the third step
+        np.testing.assert_array_equal(leaf, 0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_counters_saturate(name):
+    tx = make(name)
+    params = _params()
+    state = tx.init(params)
+    big = jnp.iinfo(jnp.int32).max - 1
+
+    def bump(x):
+        return (
+            jnp.asarray(big, jnp.int32) if isinstance(x, jax.Array) and x.dtype == jnp.int32 else x
+        )
+
+    state = jax.tree.map(bump, state)
+    g = jax.grad(_loss)(params)
+    for _ in range(3):
+        u, state = tx.update(g, state, params)
+        for leaf in jax.tree.leaves(u):
+            assert bool(jnp.all(jnp.isfinite(leaf)))
+    for leaf in jax.tree.leaves(state):
+        if isinstance(leaf, jax.Array) and leaf.dtype == jnp.int32:
+            assert int(leaf) == jnp.iinfo(jnp.int32).max
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mismatched_tree_is_a_clear_error(name):
+    tx = make(name)
+    state = tx.init(_params())
+    wrong = {"w": jnp.zeros((3, 4)), "other": jnp.zeros(2)}
+    with pytest.raises(ValueError, match="structure"):
+        tx.update(wrong, state, wrong)
+
+
+BAD = [
+    (bj.scale_by_adam, dict(b1=1.0), "b1"),
+    (bj.scale_by_adam, dict(b2=-0.1), "b2"),
+    (bj.scale_by_adam, dict(eps=-1e-8), "eps"),
+    (bj.scale_by_adam, dict(eps_root=float("nan")), "eps_root"),
+    (bj.scale_by_adam, dict(mu_dtype=jnp.int32), "mu_dtype"),
+    (bj.scale_by_amsgrad, dict(max_of="biggest"), "max_of"),
+    (bj.scale_by_amsgrad, dict(b2=1.5), "b2"),
+    (bj.scale_by_adamax, dict(b1=-0.5), "b1"),
+    (bj.scale_by_rms, dict(decay=1.0), "decay"),
+    (bj.scale_by_rss, dict(initial_accumulator_value=-1.0), "initial_accumulator_value"),
+    (bj.scale_by_rss, dict(eps=-1.0), "eps"),
+    (bj.bias_correction, dict(decay=2.0), "decay"),
+    (bj.add_decoupled_weight_decay, dict(weight_decay=-0.1), "weight_decay"),
+    (bj.adam, dict(learning_rate=-1e-3), "learning_rate"),
+    (bj.adamw, dict(weight_decay=-1.0), "weight_decay"),
+    (bj.rmsprop, dict(momentum=1.0), "momentum"),
+    (bj.adagrad, dict(learning_rate=float("inf")), "learning_rate"),
+]
+
+
+@pytest.mark.parametrize("factory,kwargs,arg", BAD, ids=[f"{f.__name__}-{a}" for f, _, a in BAD])
+def test_bad_hyperparameters_raise_naming_the_argument(factory, kwargs, arg):
+    with pytest.raises(ValueError, match=f"`{arg}`"):
+        factory(**kwargs)
+
+
+def test_state_field_names_follow_optax():
+    state = bj.adam().init(_params())
+    assert optax.tree.get(state, "count") is not None
+    mu = optax.tree.get(state, "mu")
+    assert jax.tree.structure(mu) == jax.tree.structure(_params())
+    state = bj.amsgrad().init(_params())
+    assert jax.tree.structure(optax.tree.get(state, "nu_max")) == jax.tree.structure(_params())

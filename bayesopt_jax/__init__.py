@@ -11,7 +11,16 @@ from bayesopt_jax._src.adam import (
     scale_by_rms,
     scale_by_rss,
 )
-from bayesopt_jax._src.alias import adagrad, adam, adamax, adamw, amsgrad, rmsprop
+from bayesopt_jax._src.alias import (
+    adagrad,
+    adam,
+    adamax,
+    adamw,
+    amsgrad,
+    rmsprop,
+    sigma_filter,
+    sigma_fixed_point,
+)
 from bayesopt_jax._src.decay import add_decoupled_weight_decay
 from bayesopt_jax._src.moments import (
     AmsgradMaxState,
@@ -20,6 +29,19 @@ from bayesopt_jax._src.moments import (
     bias_correction,
 )
 from bayesopt_jax._src.parallel import cross_replica_mean
+from bayesopt_jax._src.sigma import (
+    ScaleBySigmaFilterFullState,
+    ScaleBySigmaFilterState,
+    calibrate_posterior_scale,
+    laplace_scale,
+    posterior_variance,
+    sample_posterior,
+    scale_by_sigma_filter,
+    scale_by_sigma_filter_full,
+    scale_by_sigma_fixed_point,
+    sigma_star,
+    sigma_star_full,
+)
 
 __version__ = "0.1.0"
 
@@ -30,6 +52,8 @@ __all__ = [
     "ScaleByAmsgradState",
     "ScaleByRmsState",
     "ScaleByRssState",
+    "ScaleBySigmaFilterFullState",
+    "ScaleBySigmaFilterState",
     "adagrad",
     "adam",
     "adamax",
@@ -38,11 +62,22 @@ __all__ = [
     "amsgrad",
     "amsgrad_max",
     "bias_correction",
+    "calibrate_posterior_scale",
     "cross_replica_mean",
+    "laplace_scale",
+    "posterior_variance",
     "rmsprop",
+    "sample_posterior",
     "scale_by_adam",
     "scale_by_adamax",
     "scale_by_amsgrad",
     "scale_by_rms",
     "scale_by_rss",
+    "scale_by_sigma_filter",
+    "scale_by_sigma_filter_full",
+    "scale_by_sigma_fixed_point",
+    "sigma_filter",
+    "sigma_fixed_point",
+    "sigma_star",
+    "sigma_star_full",
 ]

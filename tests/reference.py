@@ -91,3 +91,45 @@ def rss(grads, initial_accumulator_value=0.0, eps=1e-10):
         a = a + g * g
         out.append(g / (np.sqrt(a) + eps))
     return out
+
+
+def sigma_filter(
+    grads, eta, beta=0.999, b1=0.0, sigma_init=None, bias_correction=True, eps=1e-16, max_ratio=None
+):
+    """The diagonal σ-filter, straight from the equations (returns updates, sigmas)."""
+    s = np.zeros_like(grads[0])
+    m = np.zeros_like(grads[0])
+    sig = None if sigma_init is None else np.full_like(grads[0], sigma_init)
+    ups, sigs = [], []
+    for t, g in enumerate(grads, start=1):
+        s = beta * s + (1 - beta) * g * g
+        s_hat = (s / (1 - beta**t) if bias_correction else s) + eps
+        star = eta**2 / 2 + eta * np.sqrt(eta**2 / 4 + 1 / s_hat)
+        if sig is None:
+            sig = star
+        else:
+            sig = 1 / (s_hat + 1 / sig) + eta**2
+        if max_ratio is not None and eta > 0:
+            sig = np.minimum(sig, max_ratio * star)
+        if b1 > 0:
+            m = b1 * m + (1 - b1) * g
+            d = m / (1 - b1**t) if bias_correction else m
+        else:
+            d = g
+        ups.append(sig * d)
+        sigs.append(sig.copy())
+    return ups, sigs
+
+
+def sigma_filter_full(grads, eta, beta, sigma_init):
+    """The full-matrix σ-filter with explicit inverses (float64)."""
+    d = grads[0].size
+    G = np.zeros((d, d))
+    S = np.eye(d) * sigma_init
+    ups = []
+    for t, g in enumerate(grads, start=1):
+        G = beta * G + (1 - beta) * np.outer(g, g)
+        G_hat = G / (1 - beta**t)
+        S = np.linalg.inv(G_hat + np.linalg.inv(S)) + eta**2 * np.eye(d)
+        ups.append(S @ g)
+    return ups, S

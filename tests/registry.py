@@ -32,7 +32,21 @@ OPTIMIZERS = {
         functools.partial(bj.rmsprop, centered=True),
         dict(learning_rate=1e-2, decay=0.9, eps=1e-8, momentum=0.9),
     ),
+    "sigma_filter": (bj.sigma_filter, dict(eta=1e-2, beta=0.999, eps=1e-16, max_ratio=2.0)),
+    "sigma_filter_momentum": (
+        functools.partial(bj.sigma_filter, b1=0.9),
+        dict(eta=1e-2, beta=0.999),
+    ),
+    "sigma_fixed_point": (
+        functools.partial(bj.sigma_fixed_point, b1=0.9),
+        dict(eta=1e-2, beta=0.999, eps=1e-16),
+    ),
 }
+
+
+def lr_name(name):
+    """The argument that plays the learning rate (η for the σ-filter)."""
+    return "learning_rate" if "learning_rate" in OPTIMIZERS[name][1] else "eta"
 
 
 def make(name, **overrides):

@@ -14,6 +14,7 @@ import optax
 
 from bayesopt_jax._src import adam as adam_lib
 from bayesopt_jax._src import decay, validation
+from bayesopt_jax._src import sigma as sigma_lib
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
 PyTree = Any
@@ -302,3 +303,101 @@ def rmsprop(
         parts.append(optax.trace(decay=momentum))
     parts.append(_lr(learning_rate, "rmsprop"))
     return optax.chain(*parts)
+
+
+def sigma_filter(
+    eta: ScalarOrSchedule = 1e-3,
+    beta: float | jax.Array = 0.999,
+    *,
+    b1: float | jax.Array = 0.0,
+    sigma_init: float | jax.Array | None = None,
+    bias_correction: bool = True,
+    eps: float | jax.Array = sigma_lib.DEFAULT_EPS,
+    sigma_max: float | jax.Array | None = None,
+    max_ratio: float | jax.Array | None = 2.0,
+) -> optax.GradientTransformation:
+    r"""The σ-filter optimizer: :math:`\theta_t = \theta_{t-1} - \sigma_t \odot d_t`.
+
+    ``chain(scale_by_sigma_filter(...), scale(-1))``: η plays the part of the
+    learning rate (σ is in learning-rate units), so there is no separate one.
+    With ``b1=0.9`` it is the Bayesian counterpart of Adam.
+
+    Safe by default: ``max_ratio=2`` keeps σ within twice the fixed point of
+    the current evidence, which bounds every step by twice an RMSProp step
+    and removes the hazard of σ grown during a run of zero gradients. The
+    equations are exact whenever σ is below that bound (see
+    :func:`~bayesopt_jax.scale_by_sigma_filter`); ``max_ratio=None`` gives the
+    raw recursion.
+
+    Args:
+      eta: :math:`\eta \ge 0` or a schedule.
+      beta, b1, sigma_init, bias_correction, eps, sigma_max, max_ratio: as in
+        :func:`~bayesopt_jax.scale_by_sigma_filter`.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import bayesopt_jax as bj
+      >>> params = jnp.array([1.0, -2.0])
+      >>> tx = bj.sigma_filter(0.05, b1=0.9)
+      >>> state = tx.init(params)
+      >>> for _ in range(300):
+      ...     g = jax.grad(lambda p: jnp.sum(p**2))(params)
+      ...     u, state = tx.update(g, state)
+      ...     params = optax.apply_updates(params, u)
+      >>> bool(jnp.abs(params).max() < 0.1)
+      True
+    """
+    return optax.chain(
+        sigma_lib.scale_by_sigma_filter(
+            eta,
+            beta,
+            b1=b1,
+            sigma_init=sigma_init,
+            bias_correction=bias_correction,
+            eps=eps,
+            sigma_max=sigma_max,
+            max_ratio=max_ratio,
+        ),
+        optax.scale(-1.0),
+    )
+
+
+def sigma_fixed_point(
+    eta: ScalarOrSchedule = 1e-3,
+    beta: float | jax.Array = 0.999,
+    *,
+    b1: float | jax.Array = 0.0,
+    bias_correction: bool = True,
+    eps: float | jax.Array = sigma_lib.DEFAULT_EPS,
+) -> optax.GradientTransformation:
+    r"""Descends with the σ-filter's fixed point: :math:`\theta_t = \theta_{t-1} - \sigma^*(\hat s_t) \odot d_t`.
+
+    ``chain(scale_by_sigma_fixed_point(...), scale(-1))``; see
+    :func:`~bayesopt_jax.scale_by_sigma_fixed_point`. RMSProp with learning
+    rate η for small η, SGD with learning rate η² for large η.
+
+    Args:
+      eta: :math:`\eta \ge 0` or a schedule.
+      beta, b1, bias_correction, eps: as in
+        :func:`~bayesopt_jax.scale_by_sigma_fixed_point`.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import bayesopt_jax as bj
+      >>> tx = bj.sigma_fixed_point(1e-3, beta=0.0)
+      >>> u, _ = tx.update(jnp.array([4.0]), tx.init(jnp.zeros(1)))
+      >>> bool(jnp.allclose(u, -1e-3, rtol=1e-2))  # RMSProp regime: -η·sign(g)
+      True
+    """
+    return optax.chain(
+        sigma_lib.scale_by_sigma_fixed_point(
+            eta, beta, b1=b1, bias_correction=bias_correction, eps=eps
+        ),
+        optax.scale(-1.0),
+    )

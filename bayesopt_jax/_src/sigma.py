@@ -1,0 +1,612 @@
+"""The σ-filter: RMSProp and Adam read as Bayesian filtering of the parameters.
+
+Per parameter the filter keeps the evidence ``s`` (an EMA of squared
+gradients, the diagonal of the expected Fisher) and the posterior variance
+``σ`` of the belief about where the parameter should move:
+
+    s_t = β s_{t-1} + (1-β) g_t²,      ŝ_t = s_t / (1-β^t)
+    σ_t = 1/(ŝ_t + 1/σ_{t-1}) + η²     (prior variance inflated by η² per step)
+    u_t = σ_t ⊙ d_t                    (d = g, or the debiased EMA of g if b1 > 0)
+
+Its fixed point σ*(ŝ) = η²/2 + η·sqrt(η²/4 + 1/ŝ) is ≈ η/√ŝ for small η
+(RMSProp with learning rate η) and ≈ η² for large η (SGD with learning rate η²).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+from bayesopt_jax._src import moments, validation
+
+Array = jax.Array
+PyTree = Any
+ScalarOrSchedule = float | Array | Callable[[Array], Array]
+
+DEFAULT_EPS = 1e-16
+
+
+def sigma_star(evidence: Array, eta: Array | float) -> Array:
+    r"""The fixed point of the σ recursion for constant evidence ``ŝ``.
+
+    .. math::
+        \sigma^*(\hat s) = \frac{\eta^2}{2} + \eta \sqrt{\frac{\eta^2}{4} + \frac{1}{\hat s}}
+
+    Args:
+      evidence: :math:`\hat s > 0` (array).
+      eta: :math:`\eta \ge 0`.
+
+    Returns:
+      :math:`\sigma^*`, elementwise, in ``evidence``'s dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from bayesopt_jax import sigma_star
+      >>> s = jnp.array([1e-4])
+      >>> bool(jnp.allclose(sigma_star(s, 1e-3), 1e-3 / jnp.sqrt(s), rtol=1e-3))  # RMSProp regime
+      True
+    """
+    evidence = jnp.asarray(evidence)
+    eta = jnp.asarray(eta, moments.real_dtype(moments.compute_dtype(evidence.dtype)))
+    eta2 = eta * eta
+    return eta2 / 2 + eta * jnp.sqrt(eta2 / 4 + 1 / evidence)
+
+
+def sigma_star_full(G: Array, eta: Array | float) -> Array:
+    r"""Matrix fixed point :math:`\Sigma^* = \frac{\eta^2}{2} I + \eta (G^{-1} + \frac{\eta^2}{4} I)^{1/2}`.
+
+    Computed from the eigendecomposition of the symmetric positive definite ``G``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from bayesopt_jax import sigma_star, sigma_star_full
+      >>> S = sigma_star_full(jnp.diag(jnp.array([1.0, 4.0])), 0.1)
+      >>> bool(jnp.allclose(jnp.diag(S), sigma_star(jnp.array([1.0, 4.0]), 0.1)))
+      True
+    """
+    lam, V = jnp.linalg.eigh(G)
+    return (V * sigma_star(lam, eta)) @ V.T
+
+
+def _eta_at(eta: ScalarOrSchedule, count: Array) -> Array:
+    return eta(count) if callable(eta) else eta
+
+
+def _check_sigma_args(where, eta, beta, b1, eps, sigma_init=None, sigma_max=None, max_ratio=None):
+    if not callable(eta):
+        validation.check_nonnegative("eta", eta, where)
+    validation.check_decay("beta", beta, where)
+    validation.check_decay("b1", b1, where)
+    validation.check_range("eps", eps, low=0.0, low_inclusive=False, where=where)
+    if sigma_init is not None:
+        validation.check_range("sigma_init", sigma_init, low=0.0, low_inclusive=False, where=where)
+    if sigma_max is not None:
+        validation.check_range("sigma_max", sigma_max, low=0.0, low_inclusive=False, where=where)
+    if max_ratio is not None:
+        validation.check_range("max_ratio", max_ratio, low=1.0, where=where)
+
+
+def _evidence_and_direction(g, m, s, count, *, beta, b1, bias_correction, eps):
+    """Shared by the filter and the fixed point: new moments, ŝ (floored) and d."""
+    c = moments.compute_dtype(g.dtype)
+    rc = moments.real_dtype(c)
+    gc = g.astype(c)
+    s_new = moments.ema(moments.abs_sq(gc), s.astype(rc), beta)
+    s_hat = s_new / moments.debias_factor(beta, count, c) if bias_correction else s_new
+    s_hat = s_hat + jnp.asarray(eps, rc)
+    if m is None:
+        return s_new, s_hat, None, gc
+    m_new = moments.ema(gc, m.astype(c), b1)
+    d = m_new / moments.debias_factor(b1, count, c) if bias_correction else m_new
+    return s_new, s_hat, m_new, d
+
+
+class ScaleBySigmaFilterState(NamedTuple):
+    """State of :func:`scale_by_sigma_filter` and :func:`scale_by_sigma_fixed_point`.
+
+    Attributes:
+      count: number of updates so far (int32, saturating).
+      mu: EMA of gradients when ``b1`` is not a plain 0, otherwise ``None``.
+      nu: the evidence ``s``, an EMA of squared gradient magnitudes.
+      sigma: the posterior variance σ after the last update (0 before the
+        first update when ``sigma_init=None``).
+    """
+
+    count: Array
+    mu: PyTree
+    nu: PyTree
+    sigma: PyTree
+
+
+def _init_sigma_state(params, b1, sigma_init):
+    mu = None if validation.is_static_zero(b1) else moments.tree_zeros_like(params)
+    nu = moments.tree_zeros_like(params, real=True)
+    if sigma_init is None:
+        sigma = moments.tree_zeros_like(params, real=True)
+    else:
+        sigma = jax.tree.map(
+            lambda p: moments.full_like(p, sigma_init, moments.real_dtype(jnp.asarray(p).dtype)),
+            params,
+        )
+    return ScaleBySigmaFilterState(count=moments.zero_count(), mu=mu, nu=nu, sigma=sigma)
+
+
+def scale_by_sigma_filter(
+    eta: ScalarOrSchedule,
+    beta: float | Array = 0.999,
+    *,
+    b1: float | Array = 0.0,
+    sigma_init: float | Array | None = None,
+    bias_correction: bool = True,
+    eps: float | Array = DEFAULT_EPS,
+    sigma_max: float | Array | None = None,
+    max_ratio: float | Array | None = None,
+) -> optax.GradientTransformation:
+    r"""The diagonal σ-filter: a per-parameter posterior variance scales the gradient.
+
+    .. math::
+        s_t &= \beta s_{t-1} + (1-\beta) |g_t|^2, \qquad
+        \hat s_t = s_t / (1-\beta^t) + \epsilon \\
+        \sigma_t &= \frac{1}{\hat s_t + 1/\sigma_{t-1}} + \eta^2
+                  = \frac{\sigma_{t-1}}{1 + \hat s_t \sigma_{t-1}} + \eta^2 \\
+        u_t &= \sigma_t\, d_t, \qquad d_t = g_t \ (b_1 = 0)\ \text{or}\
+               \frac{m_t}{1-b_1^t},\ m_t = b_1 m_{t-1} + (1-b_1) g_t
+
+    ``sigma_init=None`` starts at the fixed point of the first evidence,
+    :math:`\sigma_1 = \sigma^*(\hat s_1)` (see :func:`sigma_star`). With
+    :math:`\eta = 0` the precision accumulates exactly,
+    :math:`\sigma_t^{-1} = \sigma_{t-1}^{-1} + \hat s_t` (an online natural
+    gradient step with a 1/t learning rate), which needs ``sigma_init > 0``.
+
+    This transformation applies the raw equations; only the evidence floor
+    ``eps`` (which keeps every value finite when :math:`\hat s = 0`) is on by
+    default. Guards, both off by default:
+
+    - ``max_ratio`` κ ≥ 1: :math:`\sigma_t \le \kappa\,\sigma^*(\hat s_t)` when
+      :math:`\eta > 0`. Exact wherever the filter is within a factor κ of its
+      own equilibrium; it removes the hazard of σ having grown (by η² a step,
+      or from a fixed point of ~zero evidence) while no gradient arrived,
+      which otherwise gives steps of about :math:`1/((1-\beta)|g|)`. With it,
+      a step is at most :math:`\kappa(\eta^2 |d| + \eta |d| / \sqrt{\hat s})`,
+      i.e. κ times an RMSProp step. :func:`~bayesopt_jax.sigma_filter` turns
+      it on.
+    - ``sigma_max``: an absolute cap on σ (in learning-rate units).
+
+    The update does not descend by itself: follow it with a negative learning
+    rate, or use :func:`~bayesopt_jax.sigma_filter`.
+
+    Args:
+      eta: :math:`\eta \ge 0`, the prior standard deviation added per step, or
+        a schedule of the step count (a decaying η is growing confidence).
+      beta: decay of the evidence EMA, in [0, 1).
+      b1: decay of the gradient EMA; a plain 0 keeps no first moment.
+      sigma_init: :math:`\sigma_0 > 0`, or ``None`` for the fixed point of the
+        first evidence.
+      bias_correction: divide ``s`` (and ``m``) by :math:`1-\beta^t` (:math:`1-b_1^t`).
+      eps: evidence floor > 0 added to :math:`\hat s`.
+      sigma_max: optional absolute cap on σ.
+      max_ratio: optional κ ≥ 1 for the cap relative to the fixed point.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`ScaleBySigmaFilterState`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from bayesopt_jax import scale_by_sigma_filter, sigma_star
+      >>> tx = scale_by_sigma_filter(eta=0.1, beta=0.0)
+      >>> s = tx.init(jnp.zeros(1))
+      >>> for _ in range(200):  # constant |g| = 2: σ converges to σ*(4)
+      ...     u, s = tx.update(jnp.array([2.0]), s)
+      >>> bool(jnp.allclose(s.sigma, sigma_star(jnp.array([4.0]), 0.1)))
+      True
+
+    References:
+      Aitchison, *Bayesian filtering unifies adaptive and non-adaptive neural
+      network optimization methods*, NeurIPS 2020. https://arxiv.org/abs/1807.07540 ;
+      Plumerault, *Why is the Adam Optimizer Working so Well?* (2026), the
+      derivation this implements.
+    """
+    where = "scale_by_sigma_filter"
+    _check_sigma_args(where, eta, beta, b1, eps, sigma_init, sigma_max, max_ratio)
+    if sigma_init is None and not callable(eta):
+        validation.check_range(
+            "eta", eta, low=0.0, low_inclusive=False, where=where + " (with sigma_init=None)"
+        )
+
+    def init_fn(params):
+        return _init_sigma_state(params, b1, sigma_init)
+
+    def update_fn(updates, state, params=None):
+        del params
+        moments.check_tree_match(where, updates, state.nu, "nu")
+        count = optax.safe_increment(state.count)
+        eta_t = _eta_at(eta, state.count)
+
+        def leaf(g, m, s, sig):
+            s_new, s_hat, m_new, d = _evidence_and_direction(
+                g, m, s, count, beta=beta, b1=b1, bias_correction=bias_correction, eps=eps
+            )
+            rc = s_hat.dtype
+            e = jnp.asarray(eta_t, rc)
+            prev = sig.astype(rc)
+            sig_new = prev / (1 + s_hat * prev) + e * e
+            if sigma_init is None or max_ratio is not None:
+                star = sigma_star(s_hat, e)
+            if sigma_init is None:
+                sig_new = jnp.where(count == 1, star, sig_new)
+            if max_ratio is not None:
+                capped = jnp.minimum(sig_new, jnp.asarray(max_ratio, rc) * star)
+                sig_new = jnp.where(e > 0, capped, sig_new)
+            if sigma_max is not None:
+                sig_new = jnp.minimum(sig_new, jnp.asarray(sigma_max, rc))
+            u = sig_new * d
+            m_out = None if m_new is None else m_new.astype(m.dtype)
+            return u.astype(g.dtype), m_out, s_new.astype(s.dtype), sig_new.astype(sig.dtype)
+
+        u, mu, nu, sigma = moments.tree_map_multi(leaf, 4, updates, state.mu, state.nu, state.sigma)
+        mu = None if state.mu is None else mu
+        return u, ScaleBySigmaFilterState(count=count, mu=mu, nu=nu, sigma=sigma)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_sigma_fixed_point(
+    eta: ScalarOrSchedule,
+    beta: float | Array = 0.999,
+    *,
+    b1: float | Array = 0.0,
+    bias_correction: bool = True,
+    eps: float | Array = DEFAULT_EPS,
+) -> optax.GradientTransformation:
+    r"""Scales the gradient by the closed-form fixed point of the σ-filter.
+
+    .. math::
+        \hat s_t = \frac{s_t}{1-\beta^t} + \epsilon, \qquad
+        \sigma_t = \frac{\eta^2}{2} + \eta\sqrt{\frac{\eta^2}{4} + \frac{1}{\hat s_t}}, \qquad
+        u_t = \sigma_t\, d_t
+
+    It moves smoothly from RMSProp (:math:`\sigma \approx \eta/\sqrt{\hat s}`
+    when :math:`\eta^2 \hat s \ll 4`) to SGD with learning rate :math:`\eta^2`
+    (when :math:`\eta^2 \hat s \gg 4`). Because ŝ includes the current
+    gradient, a step is at most :math:`\eta^2|d| + \eta |d|/\sqrt{\hat s}`: no
+    hazard after long runs of zero gradients.
+
+    Args:
+      eta: :math:`\eta \ge 0` or a schedule of the step count.
+      beta: decay of the evidence EMA, in [0, 1).
+      b1: decay of the gradient EMA; a plain 0 keeps no first moment.
+      bias_correction: divide the EMAs by :math:`1-\beta^t`, :math:`1-b_1^t`.
+      eps: evidence floor > 0.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`ScaleBySigmaFilterState`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from bayesopt_jax import scale_by_sigma_fixed_point
+      >>> tx = scale_by_sigma_fixed_point(eta=100.0, beta=0.0)  # SGD regime
+      >>> u, _ = tx.update(jnp.array([3.0]), tx.init(jnp.zeros(1)))
+      >>> bool(jnp.allclose(u, 100.0**2 * 3.0, rtol=1e-3))
+      True
+    """
+    where = "scale_by_sigma_fixed_point"
+    _check_sigma_args(where, eta, beta, b1, eps)
+
+    def init_fn(params):
+        return _init_sigma_state(params, b1, None)
+
+    def update_fn(updates, state, params=None):
+        del params
+        moments.check_tree_match(where, updates, state.nu, "nu")
+        count = optax.safe_increment(state.count)
+        eta_t = _eta_at(eta, state.count)
+
+        def leaf(g, m, s, sig):
+            s_new, s_hat, m_new, d = _evidence_and_direction(
+                g, m, s, count, beta=beta, b1=b1, bias_correction=bias_correction, eps=eps
+            )
+            sig_new = sigma_star(s_hat, eta_t)
+            m_out = None if m_new is None else m_new.astype(m.dtype)
+            return (
+                (sig_new * d).astype(g.dtype),
+                m_out,
+                s_new.astype(s.dtype),
+                sig_new.astype(sig.dtype),
+            )
+
+        u, mu, nu, sigma = moments.tree_map_multi(leaf, 4, updates, state.mu, state.nu, state.sigma)
+        mu = None if state.mu is None else mu
+        return u, ScaleBySigmaFilterState(count=count, mu=mu, nu=nu, sigma=sigma)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def full_posterior_step(sigma: Array, G_hat: Array, eta: Array | float) -> Array:
+    r"""One full-matrix step :math:`(\hat G + \Sigma^{-1})^{-1} + \eta^2 I` without inverses.
+
+    See :func:`scale_by_sigma_filter_full` for the factorisation used.
+    """
+    eye = jnp.eye(sigma.shape[0], dtype=sigma.dtype)
+    L = jnp.linalg.cholesky(sigma)
+    M = eye + L.T @ G_hat @ L
+    C = jnp.linalg.cholesky((M + M.T) / 2)
+    K = jax.scipy.linalg.solve_triangular(C, L.T, lower=True)
+    e = jnp.asarray(eta, sigma.dtype)
+    return K.T @ K + e * e * eye
+
+
+class ScaleBySigmaFilterFullState(NamedTuple):
+    """State of :func:`scale_by_sigma_filter_full`.
+
+    Attributes:
+      count: number of updates so far.
+      nu: the evidence matrix ``G`` (d × d, d = number of parameters).
+      sigma: the posterior covariance ``Σ`` (d × d).
+    """
+
+    count: Array
+    nu: Array
+    sigma: Array
+
+
+def scale_by_sigma_filter_full(
+    eta: ScalarOrSchedule,
+    beta: float | Array = 0.999,
+    *,
+    sigma_init: float | Array = 1.0,
+) -> optax.GradientTransformation:
+    r"""The full-matrix σ-filter over the raveled parameter vector (small models).
+
+    .. math::
+        G_t &= \beta G_{t-1} + (1-\beta) g_t g_t^\top, \qquad \hat G_t = G_t / (1-\beta^t) \\
+        \Sigma_t &= (\hat G_t + \Sigma_{t-1}^{-1})^{-1} + \eta^2 I, \qquad u_t = \Sigma_t g_t
+
+    with :math:`\Sigma_0 = \sigma_{init} I`. No inverse is formed: with
+    :math:`\Sigma_{t-1} = L L^\top` and :math:`I + L^\top \hat G_t L = C C^\top`
+    (both Cholesky factorisations; the second matrix has eigenvalues ≥ 1, so
+    it is well conditioned), :math:`(\hat G_t + \Sigma_{t-1}^{-1})^{-1} = K^\top K`
+    with :math:`K = C^{-1} L^\top`, symmetric positive semi-definite by
+    construction. Cost: :math:`O(d^3)` per step and :math:`2 d^2` floats of
+    state; meant for d up to a few thousand. Real parameters only.
+
+    Its fixed point for constant :math:`G` is :func:`sigma_star_full`.
+
+    Args:
+      eta: :math:`\eta \ge 0` or a schedule of the step count.
+      beta: decay of the evidence EMA, in [0, 1).
+      sigma_init: :math:`\sigma_{init} > 0`.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`ScaleBySigmaFilterFullState`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from bayesopt_jax import scale_by_sigma_filter_full
+      >>> tx = scale_by_sigma_filter_full(eta=0.0, beta=0.0, sigma_init=1.0)
+      >>> u, s = tx.update({"a": jnp.array([1.0, 0.0])}, tx.init({"a": jnp.zeros(2)}))
+      >>> s.sigma.round(4).tolist()  # precision 1 + g gᵀ along the first axis
+      [[0.5, 0.0], [0.0, 1.0]]
+    """
+    where = "scale_by_sigma_filter_full"
+    _check_sigma_args(where, eta, beta, 0.0, 1.0, sigma_init)
+
+    def init_fn(params):
+        flat, _ = ravel_pytree(params)
+        c = moments.compute_dtype(flat.dtype)
+        d = flat.shape[0]
+        eye = jnp.eye(d, dtype=c)
+        return ScaleBySigmaFilterFullState(
+            count=moments.zero_count(),
+            nu=jnp.zeros((d, d), c),
+            sigma=eye * jnp.asarray(sigma_init, c),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        flat, unravel = ravel_pytree(updates)
+        if flat.shape[0] != state.nu.shape[0]:
+            raise ValueError(
+                f"{where}: the updates have {flat.shape[0]} entries but the state was "
+                f"initialised for {state.nu.shape[0]}."
+            )
+        count = optax.safe_increment(state.count)
+        c = state.nu.dtype
+        g = flat.astype(c)
+        b = jnp.asarray(beta, c)
+        G = b * state.nu + jnp.asarray(1 - beta, c) * jnp.outer(g, g)
+        G_hat = G / moments.debias_factor(beta, count, c)
+        sigma = full_posterior_step(state.sigma, G_hat, _eta_at(eta, state.count))
+        u = unravel((sigma @ g).astype(flat.dtype))
+        return u, ScaleBySigmaFilterFullState(count=count, nu=G, sigma=sigma)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# reading the posterior
+# --------------------------------------------------------------------------
+
+
+def _sigma_states(opt_state):
+    found = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleBySigmaFilterState))
+    return [x for x in found if isinstance(x, ScaleBySigmaFilterState)]
+
+
+def posterior_variance(opt_state: PyTree) -> PyTree:
+    """The σ-filter's posterior variance σ, a pytree shaped like the parameters.
+
+    ``opt_state`` is the state of :func:`scale_by_sigma_filter` /
+    :func:`scale_by_sigma_fixed_point` itself, or the state of any chain or
+    Optax wrapper that holds exactly one of them (``inject_hyperparams``,
+    ``apply_if_finite``, ``MultiSteps``, ``masked``, ...). Under ``masked``,
+    masked-out leaves come back as ``optax.MaskedNode``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import bayesopt_jax as bj
+      >>> tx = optax.apply_if_finite(bj.sigma_filter(1e-2), 3)
+      >>> s = tx.init({"w": jnp.zeros(2)})
+      >>> _, s = tx.update({"w": jnp.ones(2)}, s)
+      >>> bj.posterior_variance(s)["w"].shape
+      (2,)
+    """
+    states = _sigma_states(opt_state)
+    if len(states) != 1:
+        raise ValueError(
+            "posterior_variance: expected exactly one σ-filter state "
+            f"(ScaleBySigmaFilterState) inside opt_state, found {len(states)}."
+        )
+    return states[0].sigma
+
+
+def sample_posterior(
+    key: Array,
+    params: PyTree,
+    opt_state: PyTree,
+    num_samples: int | None = None,
+    *,
+    scale: float | Array = 1.0,
+) -> PyTree:
+    r"""Draws parameters from the diagonal Gaussian posterior of the σ-filter.
+
+    .. math::
+        \theta^{(k)} = \theta + \sqrt{c\,\sigma}\ \odot \varepsilon^{(k)},
+        \qquad \varepsilon^{(k)} \sim \mathcal N(0, I)
+
+    **The scale c.** σ is the filter's belief about where the *next step*
+    should land, in learning-rate units: it is built from the curvature of one
+    batch-mean loss at a time and re-inflated by η² every step, so as a
+    posterior over weights given the whole data set it is far too wide. For
+    a data set of N examples, a mean loss over batches of B examples and
+    evidence dominated by gradient noise, the per-example Fisher is about
+    :math:`B\hat s`, so a diagonal Laplace posterior has variance
+    :math:`1/(N B \hat s)`. In the filter's RMSProp regime
+    :math:`\sigma \approx \eta/\sqrt{\hat s}`, hence
+    :math:`1/(NB\hat s) \approx \sigma^2/(\eta^2 N B)`: see
+    :func:`laplace_scale`, which returns :math:`c = \sigma/(\eta^2 N B)` per
+    parameter times a temperature. Since this rests on approximations,
+    :func:`calibrate_posterior_scale` picks the temperature that maximises
+    the log predictive likelihood on held-out data.
+
+    Args:
+      key: a PRNG key.
+      params: the mean (the trained parameters).
+      opt_state: any optimizer state holding one σ-filter state.
+      num_samples: ``None`` for one draw shaped like ``params``, or k for a
+        leading axis of size k on every leaf.
+      scale: c, a number or a pytree like ``params`` (e.g. from :func:`laplace_scale`).
+
+    Returns:
+      A pytree like ``params`` (with a leading sample axis if ``num_samples``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import bayesopt_jax as bj
+      >>> tx = bj.sigma_filter(0.1)
+      >>> p = {"w": jnp.zeros(3)}
+      >>> _, s = tx.update({"w": jnp.ones(3)}, tx.init(p))
+      >>> bj.sample_posterior(jax.random.key(0), p, s, num_samples=5)["w"].shape
+      (5, 3)
+    """
+    sigma = posterior_variance(opt_state)
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    sigma = jax.tree.map(
+        lambda p, s: jnp.zeros_like(p) if is_masked(s) else s, params, sigma, is_leaf=is_masked
+    )
+    if not isinstance(scale, dict | list | tuple) and not hasattr(scale, "keys"):
+        scale = jax.tree.map(lambda _: scale, params)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    sig_leaves = treedef.flatten_up_to(sigma)
+    scale_leaves = treedef.flatten_up_to(scale)
+    out = []
+    for k, p, s, c in zip(keys, leaves, sig_leaves, scale_leaves, strict=False):
+        shape = p.shape if num_samples is None else (num_samples, *p.shape)
+        eps = jax.random.normal(k, shape, moments.compute_dtype(p.dtype))
+        std = jnp.sqrt(jnp.asarray(c) * s.astype(eps.dtype))
+        out.append((p.astype(eps.dtype) + std * eps).astype(p.dtype))
+    return treedef.unflatten(out)
+
+
+def laplace_scale(
+    opt_state: PyTree,
+    eta: float,
+    num_data: int,
+    batch_size: int,
+    temperature: float = 1.0,
+) -> PyTree:
+    r"""Per-parameter scale c with :math:`c\,\sigma \approx T\,\sigma^2/(\eta^2 N B)` (see :func:`sample_posterior`).
+
+    Args:
+      opt_state: any optimizer state holding one σ-filter state.
+      eta: the η the filter ran with (its final value for a schedule).
+      num_data: N, the number of training examples.
+      batch_size: B, the number of examples averaged in each gradient.
+      temperature: T > 0; 1 is the Laplace approximation.
+
+    Returns:
+      A pytree like the parameters, to pass as ``scale=`` to :func:`sample_posterior`.
+    """
+    validation.check_range("eta", eta, low=0.0, low_inclusive=False, where="laplace_scale")
+    validation.check_range("num_data", num_data, low=1.0, where="laplace_scale")
+    validation.check_range("batch_size", batch_size, low=1.0, where="laplace_scale")
+    validation.check_range(
+        "temperature", temperature, low=0.0, low_inclusive=False, where="laplace_scale"
+    )
+    sigma = posterior_variance(opt_state)
+    factor = temperature / (eta**2 * num_data * batch_size)
+    return jax.tree.map(lambda s: factor * s, sigma)
+
+
+def calibrate_posterior_scale(
+    key: Array,
+    params: PyTree,
+    opt_state: PyTree,
+    log_likelihood: Callable[[PyTree], Array],
+    scales: Any,
+    *,
+    num_samples: int = 16,
+    base_scale: Any = 1.0,
+) -> tuple[Any, Array]:
+    r"""Picks the posterior scale that maximises held-out log predictive likelihood.
+
+    For each candidate ``c`` in ``scales`` it draws ``num_samples`` parameter
+    sets with variance :math:`c \cdot \text{base\_scale} \cdot \sigma` and
+    scores the Bayesian model average
+    :math:`\log \frac1K \sum_k p(y \mid x, \theta^{(k)})`, summed over the
+    held-out examples. ``c = 0`` (the mean parameters) is always a candidate,
+    so averaging is only chosen when it helps.
+
+    Args:
+      key: PRNG key (the same draws are reused for every candidate).
+      params, opt_state: as in :func:`sample_posterior`.
+      log_likelihood: maps parameters to per-example log-likelihoods on the
+        held-out set (shape ``[n]``).
+      scales: candidate multipliers (positive numbers).
+      num_samples: K.
+      base_scale: a number or pytree multiplied in (e.g. :func:`laplace_scale`).
+
+    Returns:
+      ``(best_scale, scores)`` where ``scores[i]`` is the held-out log
+      predictive for ``[0.0, *scales][i]``.
+    """
+    candidates = [0.0, *list(scales)]
+    if not isinstance(base_scale, dict | list | tuple) and not hasattr(base_scale, "keys"):
+        base_scale = jax.tree.map(lambda _: base_scale, params)
+    scores = []
+    for c in candidates:
+        if c == 0.0:
+            scores.append(jnp.sum(log_likelihood(params)))
+            continue
+        sc = jax.tree.map(lambda b, c=c: c * b, base_scale)
+        draws = sample_posterior(key, params, opt_state, num_samples, scale=sc)
+        ll = jax.lax.map(log_likelihood, draws)  # [K, n]
+        bma = jax.scipy.special.logsumexp(ll, axis=0) - jnp.log(num_samples)
+        scores.append(jnp.sum(bma))
+    scores = jnp.stack(scores)
+    return candidates[int(jnp.argmax(scores))], scores

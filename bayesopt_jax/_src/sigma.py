@@ -136,6 +136,35 @@ def _init_sigma_state(params, b1, sigma_init):
     return ScaleBySigmaFilterState(count=moments.zero_count(), mu=mu, nu=nu, sigma=sigma)
 
 
+def _sigma_transformation(where, new_sigma, eta, beta, b1, bias_correction, eps, sigma_init):
+    """The shared skeleton: evidence, direction, ``new_sigma(prev, ŝ, η, t)``, u = σ d."""
+
+    def init_fn(params):
+        return _init_sigma_state(params, b1, sigma_init)
+
+    def update_fn(updates, state, params=None):
+        del params
+        moments.check_tree_match(where, updates, state.nu, "nu")
+        count = optax.safe_increment(state.count)
+        eta_t = _eta_at(eta, state.count)
+
+        def leaf(g, m, s, sig):
+            s_new, s_hat, m_new, d = _evidence_and_direction(
+                g, m, s, count, beta=beta, b1=b1, bias_correction=bias_correction, eps=eps
+            )
+            e = jnp.asarray(eta_t, s_hat.dtype)
+            sig_new = new_sigma(sig.astype(s_hat.dtype), s_hat, e, count)
+            m_out = None if m_new is None else m_new.astype(m.dtype)
+            u = (sig_new * d).astype(g.dtype)
+            return u, m_out, s_new.astype(s.dtype), sig_new.astype(sig.dtype)
+
+        u, mu, nu, sigma = moments.tree_map_multi(leaf, 4, updates, state.mu, state.nu, state.sigma)
+        mu = None if state.mu is None else mu
+        return u, ScaleBySigmaFilterState(count=count, mu=mu, nu=nu, sigma=sigma)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def scale_by_sigma_filter(
     eta: ScalarOrSchedule,
     beta: float | Array = 0.999,
@@ -218,41 +247,20 @@ def scale_by_sigma_filter(
             "eta", eta, low=0.0, low_inclusive=False, where=where + " (with sigma_init=None)"
         )
 
-    def init_fn(params):
-        return _init_sigma_state(params, b1, sigma_init)
+    def new_sigma(prev, s_hat, e, count):
+        sig_new = prev / (1 + s_hat * prev) + e * e
+        if sigma_init is None or max_ratio is not None:
+            star = sigma_star(s_hat, e)
+        if sigma_init is None:
+            sig_new = jnp.where(count == 1, star, sig_new)
+        if max_ratio is not None:
+            capped = jnp.minimum(sig_new, jnp.asarray(max_ratio, s_hat.dtype) * star)
+            sig_new = jnp.where(e > 0, capped, sig_new)
+        if sigma_max is not None:
+            sig_new = jnp.minimum(sig_new, jnp.asarray(sigma_max, s_hat.dtype))
+        return sig_new
 
-    def update_fn(updates, state, params=None):
-        del params
-        moments.check_tree_match(where, updates, state.nu, "nu")
-        count = optax.safe_increment(state.count)
-        eta_t = _eta_at(eta, state.count)
-
-        def leaf(g, m, s, sig):
-            s_new, s_hat, m_new, d = _evidence_and_direction(
-                g, m, s, count, beta=beta, b1=b1, bias_correction=bias_correction, eps=eps
-            )
-            rc = s_hat.dtype
-            e = jnp.asarray(eta_t, rc)
-            prev = sig.astype(rc)
-            sig_new = prev / (1 + s_hat * prev) + e * e
-            if sigma_init is None or max_ratio is not None:
-                star = sigma_star(s_hat, e)
-            if sigma_init is None:
-                sig_new = jnp.where(count == 1, star, sig_new)
-            if max_ratio is not None:
-                capped = jnp.minimum(sig_new, jnp.asarray(max_ratio, rc) * star)
-                sig_new = jnp.where(e > 0, capped, sig_new)
-            if sigma_max is not None:
-                sig_new = jnp.minimum(sig_new, jnp.asarray(sigma_max, rc))
-            u = sig_new * d
-            m_out = None if m_new is None else m_new.astype(m.dtype)
-            return u.astype(g.dtype), m_out, s_new.astype(s.dtype), sig_new.astype(sig.dtype)
-
-        u, mu, nu, sigma = moments.tree_map_multi(leaf, 4, updates, state.mu, state.nu, state.sigma)
-        mu = None if state.mu is None else mu
-        return u, ScaleBySigmaFilterState(count=count, mu=mu, nu=nu, sigma=sigma)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _sigma_transformation(where, new_sigma, eta, beta, b1, bias_correction, eps, sigma_init)
 
 
 def scale_by_sigma_fixed_point(
@@ -297,33 +305,11 @@ def scale_by_sigma_fixed_point(
     where = "scale_by_sigma_fixed_point"
     _check_sigma_args(where, eta, beta, b1, eps)
 
-    def init_fn(params):
-        return _init_sigma_state(params, b1, None)
+    def new_sigma(prev, s_hat, e, count):
+        del prev, count
+        return sigma_star(s_hat, e)
 
-    def update_fn(updates, state, params=None):
-        del params
-        moments.check_tree_match(where, updates, state.nu, "nu")
-        count = optax.safe_increment(state.count)
-        eta_t = _eta_at(eta, state.count)
-
-        def leaf(g, m, s, sig):
-            s_new, s_hat, m_new, d = _evidence_and_direction(
-                g, m, s, count, beta=beta, b1=b1, bias_correction=bias_correction, eps=eps
-            )
-            sig_new = sigma_star(s_hat, eta_t)
-            m_out = None if m_new is None else m_new.astype(m.dtype)
-            return (
-                (sig_new * d).astype(g.dtype),
-                m_out,
-                s_new.astype(s.dtype),
-                sig_new.astype(sig.dtype),
-            )
-
-        u, mu, nu, sigma = moments.tree_map_multi(leaf, 4, updates, state.mu, state.nu, state.sigma)
-        mu = None if state.mu is None else mu
-        return u, ScaleBySigmaFilterState(count=count, mu=mu, nu=nu, sigma=sigma)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _sigma_transformation(where, new_sigma, eta, beta, b1, bias_correction, eps, None)
 
 
 def full_posterior_step(sigma: Array, G_hat: Array, eta: Array | float) -> Array:

@@ -30,3 +30,15 @@ def test_train_digits_smoke(tmp_path):
         assert r["epoch_losses"][-1] < r["epoch_losses"][0]
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
     assert (tmp_path / "results.json").exists()
+
+
+def test_uncertainty_smoke(tmp_path):
+    pytest.importorskip("sklearn")
+    mod = _load("uncertainty")
+    results, best_t = mod.main(["--epochs", "2", "--samples", "4", "--out", str(tmp_path)])
+    mean = results["mean parameters"]
+    assert mean["accuracy"] > 0.6
+    assert best_t >= 0.0
+    # The raw σ is far wider than a posterior over weights: it must hurt.
+    assert results["BMA, raw σ"]["nll"] > mean["nll"]
+    assert (tmp_path / "results.json").exists()

@@ -303,8 +303,9 @@ def test_calibration_prefers_mean_when_noise_hurts_and_laplace_scale():
     )
     assert best == 0.0
     assert np.all(np.diff(np.asarray(scores)) < 0)
-    scale = bj.laplace_scale(state, eta=0.1, num_data=100, batch_size=10)
-    np.testing.assert_allclose(scale["w"], state.sigma["w"] / (0.01 * 1000), rtol=1e-6)
+    scale = bj.laplace_scale(state, num_data=100, batch_size=10, beta=0.0, prior_precision=2.0)
+    # var = 1/(N·B·ŝ + λ) with ŝ = g² = 1
+    np.testing.assert_allclose(scale["w"] * state.sigma["w"], 1 / (1000 + 2.0), rtol=1e-6)
 
 
 def test_filter_eta_schedule_equals_injected_eta(x64, rng):

@@ -466,18 +466,19 @@ def sample_posterior(
 
     **The scale c.** σ is the filter's belief about where the *next step*
     should land, in learning-rate units: it is built from the curvature of one
-    batch-mean loss at a time and re-inflated by η² every step, so as a
-    posterior over weights given the whole data set it is far too wide. For
-    a data set of N examples, a mean loss over batches of B examples and
-    evidence dominated by gradient noise, the per-example Fisher is about
-    :math:`B\hat s`, so a diagonal Laplace posterior has variance
-    :math:`1/(N B \hat s)`. In the filter's RMSProp regime
-    :math:`\sigma \approx \eta/\sqrt{\hat s}`, hence
-    :math:`1/(NB\hat s) \approx \sigma^2/(\eta^2 N B)`: see
-    :func:`laplace_scale`, which returns :math:`c = \sigma/(\eta^2 N B)` per
-    parameter times a temperature. Since this rests on approximations,
-    :func:`calibrate_posterior_scale` picks the temperature that maximises
-    the log predictive likelihood on held-out data.
+    batch-mean loss at a time and re-inflated by η² every step, so read as a
+    posterior over weights given the whole data set it is far too wide (and
+    for parameters that never saw a gradient it is bounded only by the
+    guards). A principled variance comes from the same evidence ŝ the filter
+    tracks. For a loss that is a mean over batches of B examples, gradient
+    noise gives :math:`\hat s \approx F/B`, with F the per-example Fisher
+    information; a data set of N examples has Fisher :math:`NF \approx NB\hat s`,
+    so with a Gaussian prior of precision λ the diagonal Laplace posterior
+    variance is :math:`1/(NB\hat s + \lambda)`. :func:`laplace_scale` returns
+    the c that gives this variance, optionally tempered by T. Because the
+    derivation rests on approximations (a diagonal, empirical Fisher),
+    :func:`calibrate_posterior_scale` chooses T on held-out data, and keeps
+    the mean parameters when no T helps.
 
     Args:
       key: a PRNG key.
@@ -521,32 +522,88 @@ def sample_posterior(
 
 def laplace_scale(
     opt_state: PyTree,
-    eta: float,
     num_data: int,
     batch_size: int,
+    *,
+    beta: float = 0.999,
     temperature: float = 1.0,
+    prior_precision: float | None = None,
+    params: PyTree | None = None,
 ) -> PyTree:
-    r"""Per-parameter scale c with :math:`c\,\sigma \approx T\,\sigma^2/(\eta^2 N B)` (see :func:`sample_posterior`).
+    r"""Per-parameter scale c that turns σ into a diagonal Laplace posterior variance.
+
+    .. math::
+        c\,\sigma = rac{T}{N B\, \hat s + \lambda}
+
+    with :math:`\hat s` the filter's bias-corrected evidence, N the number
+    of training examples, B the batch size, λ a Gaussian prior precision and
+    T a temperature (see :func:`sample_posterior` for the derivation). The
+    prior term keeps parameters that never saw a gradient (ŝ = 0) at the
+    prior variance 1/λ instead of an infinite one. By default λ is set per
+    leaf by moment matching (empirical Bayes): :math:`1/\lambda` is the mean
+    of :math:`\theta^2` over the leaf, i.e. a zero-mean Gaussian prior as wide
+    as the trained weights of that layer.
 
     Args:
       opt_state: any optimizer state holding one σ-filter state.
-      eta: the η the filter ran with (its final value for a schedule).
       num_data: N, the number of training examples.
       batch_size: B, the number of examples averaged in each gradient.
+      beta: the filter's evidence decay (for the bias correction of ŝ).
       temperature: T > 0; 1 is the Laplace approximation.
+      prior_precision: λ > 0, or ``None`` for the per-leaf moment-matched λ
+        (then ``params`` is required).
+      params: the trained parameters (for ``prior_precision=None``).
 
     Returns:
       A pytree like the parameters, to pass as ``scale=`` to :func:`sample_posterior`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import bayesopt_jax as bj
+      >>> tx = bj.sigma_filter(0.1, beta=0.0)
+      >>> _, s = tx.update({"w": jnp.array([2.0, 0.0])}, tx.init({"w": jnp.zeros(2)}))
+      >>> c = bj.laplace_scale(s, num_data=10, batch_size=5, beta=0.0, prior_precision=1.0)
+      >>> [round(x, 4) for x in (c["w"] * bj.posterior_variance(s)["w"]).tolist()]  # 1/201, 1/1
+      [0.005, 1.0]
     """
-    validation.check_range("eta", eta, low=0.0, low_inclusive=False, where="laplace_scale")
-    validation.check_range("num_data", num_data, low=1.0, where="laplace_scale")
-    validation.check_range("batch_size", batch_size, low=1.0, where="laplace_scale")
-    validation.check_range(
-        "temperature", temperature, low=0.0, low_inclusive=False, where="laplace_scale"
-    )
-    sigma = posterior_variance(opt_state)
-    factor = temperature / (eta**2 * num_data * batch_size)
-    return jax.tree.map(lambda s: factor * s, sigma)
+    where = "laplace_scale"
+    validation.check_range("num_data", num_data, low=1.0, where=where)
+    validation.check_range("batch_size", batch_size, low=1.0, where=where)
+    validation.check_decay("beta", beta, where)
+    validation.check_range("temperature", temperature, low=0.0, low_inclusive=False, where=where)
+    if prior_precision is None:
+        if params is None:
+            raise ValueError(f"{where}: `params` is required when `prior_precision` is None.")
+        precision = jax.tree.map(
+            lambda p: 1 / jnp.maximum(jnp.mean(moments.abs_sq(jnp.asarray(p))), 1e-12), params
+        )
+    else:
+        validation.check_range(
+            "prior_precision", prior_precision, low=0.0, low_inclusive=False, where=where
+        )
+        precision = None
+    state = _sigma_states(opt_state)
+    if len(state) != 1:
+        posterior_variance(opt_state)  # raises the explanatory error
+    state = state[0]
+
+    def leaf(s, sig, lam):
+        if isinstance(s, optax.MaskedNode):
+            return s
+        c = moments.compute_dtype(s.dtype)
+        bc = moments.debias_factor(beta, jnp.maximum(state.count, 1), c)
+        lam = prior_precision if lam is None else lam
+        var = temperature / (num_data * batch_size * s.astype(c) / bc + lam)
+        sig = sig.astype(c)
+        return jnp.where(sig > 0, var / jnp.where(sig > 0, sig, 1), 0)
+
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    if precision is None:
+        precision = jax.tree.map(lambda _: None, state.nu, is_leaf=is_masked)
+        return jax.tree.map(
+            lambda s, sig: leaf(s, sig, None), state.nu, state.sigma, is_leaf=is_masked
+        )
+    return jax.tree.map(leaf, state.nu, state.sigma, precision, is_leaf=is_masked)
 
 
 def calibrate_posterior_scale(

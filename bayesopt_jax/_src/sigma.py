@@ -599,7 +599,6 @@ def laplace_scale(
 
     is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
     if precision is None:
-        precision = jax.tree.map(lambda _: None, state.nu, is_leaf=is_masked)
         return jax.tree.map(
             lambda s, sig: leaf(s, sig, None), state.nu, state.sigma, is_leaf=is_masked
         )

@@ -450,6 +450,13 @@ def posterior_variance(opt_state: PyTree) -> PyTree:
     return states[0].sigma
 
 
+def _scale_tree(scale: Any, params: PyTree) -> PyTree:
+    """A scalar scale broadcast to the parameters' structure; a pytree unchanged."""
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(scale)):
+        return jax.tree.map(lambda _: scale, params)
+    return scale
+
+
 def sample_posterior(
     key: Array,
     params: PyTree,
@@ -505,8 +512,7 @@ def sample_posterior(
     sigma = jax.tree.map(
         lambda p, s: jnp.zeros_like(p) if is_masked(s) else s, params, sigma, is_leaf=is_masked
     )
-    if not isinstance(scale, dict | list | tuple) and not hasattr(scale, "keys"):
-        scale = jax.tree.map(lambda _: scale, params)
+    scale = _scale_tree(scale, params)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, max(len(leaves), 1))
     sig_leaves = treedef.flatten_up_to(sigma)
@@ -638,8 +644,7 @@ def calibrate_posterior_scale(
       predictive for ``[0.0, *scales][i]``.
     """
     candidates = [0.0, *list(scales)]
-    if not isinstance(base_scale, dict | list | tuple) and not hasattr(base_scale, "keys"):
-        base_scale = jax.tree.map(lambda _: base_scale, params)
+    base_scale = _scale_tree(base_scale, params)
     scores = []
     for c in candidates:
         if c == 0.0:

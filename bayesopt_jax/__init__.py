@@ -28,7 +28,7 @@ from bayesopt_jax._src.moments import (
     amsgrad_max,
     bias_correction,
 )
-from bayesopt_jax._src.parallel import cross_replica_mean
+from bayesopt_jax._src.parallel import cross_replica_mean, state_shardings
 from bayesopt_jax._src.sigma import (
     ScaleBySigmaFilterFullState,
     ScaleBySigmaFilterState,
@@ -80,4 +80,5 @@ __all__ = [
     "sigma_fixed_point",
     "sigma_star",
     "sigma_star_full",
+    "state_shardings",
 ]

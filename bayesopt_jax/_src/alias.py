@@ -13,7 +13,7 @@ import jax
 import optax
 
 from bayesopt_jax._src import adam as adam_lib
-from bayesopt_jax._src import decay, validation
+from bayesopt_jax._src import decay, moments, validation
 from bayesopt_jax._src import sigma as sigma_lib
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
@@ -300,7 +300,7 @@ def rmsprop(
         adam_lib.scale_by_rms(decay, eps, eps_in_sqrt=eps_in_sqrt, centered=centered),
     ]
     if not validation.is_static_zero(momentum):
-        parts.append(optax.trace(decay=momentum))
+        parts.append(moments.trace(momentum))
     parts.append(_lr(learning_rate, "rmsprop"))
     return optax.chain(*parts)
 

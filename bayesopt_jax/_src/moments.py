@@ -279,3 +279,25 @@ def amsgrad_max() -> optax.GradientTransformation:
         return out, AmsgradMaxState(count=count, nu_max=nu_max)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def trace(decay: Any) -> optax.GradientTransformation:
+    r"""Heavy-ball momentum :math:`b_t = \mu b_{t-1} + u_t`, output :math:`b_t`.
+
+    The same recursion and state (``optax.TraceState``) as ``optax.trace``
+    without Nesterov, but the buffer follows the parameters' sharding also
+    when ``init`` runs under ``jit``. Internal: used by :func:`rmsprop`.
+    """
+
+    def init_fn(params):
+        return optax.TraceState(trace=tree_zeros_like(params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        check_tree_match("trace", updates, state.trace, "trace")
+
+        new_trace = jax.tree.map(lambda g, t: (g + decay * t).astype(t.dtype), updates, state.trace)
+        out = jax.tree.map(lambda n, g: n.astype(g.dtype), new_trace, updates)
+        return out, optax.TraceState(trace=new_trace)
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -45,3 +45,74 @@ def cross_replica_mean(axis_name: Hashable | tuple[Hashable, ...]) -> optax.Grad
         return jax.lax.pmean(updates, axis_name), state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _sharding_of(leaf: Any, path: str) -> jax.sharding.Sharding:
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+        raise ValueError(
+            f"state_shardings: params leaf {path} has no sharding; pass jax.Arrays or "
+            "jax.ShapeDtypeStruct(shape, dtype, sharding=...) leaves."
+        )
+    return sharding
+
+
+def _replicated_like(shardings: list[jax.sharding.Sharding]) -> jax.sharding.Sharding:
+    for s in shardings:
+        if isinstance(s, jax.sharding.NamedSharding):
+            return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+    if shardings:
+        devices = sorted(shardings[0].device_set, key=lambda d: d.id)
+        if len(devices) == 1:
+            return jax.sharding.SingleDeviceSharding(devices[0])
+        mesh = jax.sharding.Mesh(devices, ("devices",))
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
+    """The sharding of every leaf of ``tx.init(params)``, computed without allocating it.
+
+    State leaves that mirror a parameter (moments, maxima, σ) get that
+    parameter's sharding; every other leaf (step counters, the full-matrix
+    σ-filter's matrices) is replicated over the parameters' mesh. The result
+    is what ``jax.jit(tx.init, out_shardings=...)`` and
+    ``jax.jit(step, out_shardings=...)`` expect, and what the library's own
+    ``init`` produces under ``jit`` for sharded parameters.
+
+    To shard the state further than the parameters (ZeRO-style: state split
+    over the data axis while parameters are replicated), map over this tree
+    and the abstract state from ``jax.eval_shape(tx.init, params)``.
+
+    Args:
+      tx: any ``optax.GradientTransformation`` (chains and wrappers included).
+      params: the parameters, as ``jax.Array`` leaves or
+        ``jax.ShapeDtypeStruct`` leaves with a ``sharding``.
+
+    Returns:
+      A pytree of ``jax.sharding.Sharding`` with the structure of the state.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> import bayesopt_jax as bj
+      >>> mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+      >>> p = {"w": jax.ShapeDtypeStruct((4, 2), jnp.float32,
+      ...                                sharding=NamedSharding(mesh, P("data")))}
+      >>> s = bj.state_shardings(bj.adam(1e-3), p)
+      >>> s[0].mu["w"].spec, s[0].count.spec
+      (P('data',), P())
+    """
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    shardings = [_sharding_of(x, jax.tree_util.keystr(k)) for k, x in leaves_with_path]
+    param_shardings = jax.tree.unflatten(treedef, shardings)
+    replicated = _replicated_like(shardings)
+    abstract = jax.eval_shape(tx.init, params)
+    return optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        abstract,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+    )

@@ -1,0 +1,310 @@
+"""Data parallel: pmap, shard_map, sharded jit, ZeRO-style state, several processes."""
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from registry import OPTIMIZERS, make
+
+import bayesopt_jax as bj
+
+NAMES = sorted(OPTIMIZERS)
+STEPS = 12
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+
+
+def _problem(rng, n=64, d=6, k=3):
+    x = rng.normal(size=(STEPS, n, d))
+    y = rng.normal(size=(STEPS, n, k))
+    params = {"w": rng.normal(size=(d, k)) * 0.3, "b": np.zeros(k), "s": np.array(0.5)}
+    return params, x, y
+
+
+def _loss(params, x, y):
+    pred = jnp.tanh(x @ params["w"] + params["b"]) * params["s"]
+    return jnp.mean((pred - y) ** 2)
+
+
+def _single_device(tx, params, xs, ys):
+    @jax.jit
+    def step(p, s, x, y):
+        u, s = tx.update(jax.grad(_loss)(p, x, y), s, p)
+        return optax.apply_updates(p, u), s
+
+    state = tx.init(params)
+    for x, y in zip(xs, ys, strict=True):
+        params, state = step(params, state, x, y)
+    return params, state
+
+
+def _replicate(tree, n):
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *jnp.shape(a))), tree)
+
+
+def _assert_close(got, want, rtol=1e-12):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pmap_equals_one_device_on_the_concatenated_batch(x64, rng, name):
+    params, xs, ys = _problem(rng)
+    tx = make(name)
+    want, want_state = _single_device(tx, params, xs, ys)
+
+    n = 8
+    tx_dp = optax.chain(bj.cross_replica_mean("batch"), tx)
+
+    @functools.partial(jax.pmap, axis_name="batch")
+    def step(p, s, x, y):
+        u, s = tx_dp.update(jax.grad(_loss)(p, x, y), s, p)
+        return optax.apply_updates(p, u), s
+
+    p = _replicate(params, n)
+    s = jax.pmap(tx_dp.init)(p)
+    for x, y in zip(xs, ys, strict=True):
+        p, s = step(p, s, x.reshape(n, -1, x.shape[-1]), y.reshape(n, -1, y.shape[-1]))
+
+    # Replicas never diverge: every leaf, parameters and state, bit-identical.
+    for leaf in jax.tree.leaves((p, s)):
+        leaf = np.asarray(leaf)
+        for r in range(1, n):
+            np.testing.assert_array_equal(leaf[r], leaf[0])
+    _assert_close(jax.tree.map(lambda a: a[0], p), want)
+    _assert_close(jax.tree.map(lambda a: a[0], s[1]), want_state)
+
+
+@pytest.mark.parametrize("name", ["adam", "amsgrad", "sigma_filter_momentum"])
+def test_shard_map_equals_one_device(x64, rng, name):
+    params, xs, ys = _problem(rng)
+    tx = make(name)
+    want, _ = _single_device(tx, params, xs, ys)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    tx_dp = optax.chain(bj.cross_replica_mean("data"), tx)
+
+    @jax.jit
+    @functools.partial(
+        jax.shard_map, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=P()
+    )
+    def step(p, s, x, y):
+        # ``p`` is replicated (invariant over "data"); the gradient of a local
+        # loss with respect to it would already be summed over devices. Taking
+        # it with respect to a device-varying copy gives each device its own
+        # gradient, and cross_replica_mean averages them.
+        g = jax.grad(_loss)(jax.lax.pcast(p, "data", to="varying"), x, y)
+        u, s = tx_dp.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    p, s = params, tx_dp.init(params)
+    for x, y in zip(xs, ys, strict=True):
+        p, s = step(p, s, x, y)
+    _assert_close(p, want)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sharded_jit_data_parallel_equals_one_device(x64, rng, name):
+    """Batch split over 8 devices, parameters replicated: XLA inserts the reduction."""
+    params, xs, ys = _problem(rng)
+    tx = make(name)
+    want, want_state = _single_device(tx, params, xs, ys)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    @jax.jit
+    def step(p, s, x, y):
+        u, s = tx.update(jax.grad(_loss)(p, x, y), s, p)
+        return optax.apply_updates(p, u), s
+
+    p = jax.device_put(params, rep)
+    s = jax.jit(tx.init)(p)
+    for x, y in zip(xs, ys, strict=True):
+        p, s = step(p, s, jax.device_put(x, batch), jax.device_put(y, batch))
+    _assert_close(p, want)
+    _assert_close(s, want_state)
+    for leaf in jax.tree.leaves((p, s)):
+        assert leaf.sharding.is_fully_replicated
+
+
+def _mesh_2d():
+    return jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+
+
+def _sharded_params(mesh):
+    specs = {"w": P("data", "model"), "b": P("model"), "s": P(), "v": P(None, "data")}
+    values = {
+        "w": jnp.linspace(-1, 1, 32, dtype=jnp.float32).reshape(8, 4),
+        "b": jnp.arange(4, dtype=jnp.float32),
+        "s": jnp.array(0.5, jnp.float32),
+        "v": jnp.ones((3, 8), jnp.float32),
+    }
+    return {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in values.items()}
+
+
+def _sharded_loss(p):
+    return jnp.sum(jnp.sin(p["w"])) + jnp.sum(p["b"] ** 2) + p["s"] ** 2 + jnp.sum(p["v"] ** 3)
+
+
+def _assert_shardings(state, expected, *, eager=False):
+    leaves = jax.tree.leaves(state)
+    shards = jax.tree.leaves(expected, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    assert len(leaves) == len(shards)
+    for leaf, sharding in zip(leaves, shards, strict=True):
+        if eager and sharding.is_fully_replicated and not leaf.committed:
+            continue  # an eager scalar (step count) is uncommitted: it goes where it is used
+        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (leaf.sharding, sharding)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_follows_parameter_sharding(name):
+    mesh = _mesh_2d()
+    params = _sharded_params(mesh)
+    tx = make(name)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params
+    )
+    expected = bj.state_shardings(tx, abstract)
+    # Every parameter-shaped state leaf takes the sharding of its parameter.
+    _assert_shardings(tx.init(params), expected, eager=True)
+    _assert_shardings(jax.jit(tx.init)(params), expected)
+
+    @jax.jit
+    def step(p, s):
+        u, s = tx.update(jax.grad(_sharded_loss)(p), s, p)
+        return optax.apply_updates(p, u), s
+
+    p, s = params, jax.jit(tx.init)(params)
+    for _ in range(3):
+        p, s = step(p, s)
+        _assert_shardings(s, expected)
+        for k in params:
+            assert p[k].sharding.is_equivalent_to(params[k].sharding, p[k].ndim)
+
+
+def test_full_matrix_state_is_replicated_on_request():
+    """The full-matrix filter's matrices mirror no parameter: replicated over the mesh."""
+    mesh = _mesh_2d()
+    params = _sharded_params(mesh)
+    tx = bj.scale_by_sigma_filter_full(1e-2)
+    expected = bj.state_shardings(tx, params)
+    for leaf in jax.tree.leaves(expected, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)):
+        assert leaf.is_fully_replicated and leaf.mesh == mesh
+    state = jax.jit(tx.init, out_shardings=expected)(params)
+    u, state = jax.jit(tx.update, out_shardings=(None, expected))(
+        jax.grad(_sharded_loss)(params), state
+    )
+    _assert_shardings(state, expected)
+    want_u, _ = tx.update(
+        *jax.tree.map(np.asarray, (jax.grad(_sharded_loss)(params), tx.init(params)))
+    )
+    _assert_close(u, want_u, rtol=1e-5)
+
+
+def test_state_shardings_names_the_unsharded_leaf():
+    with pytest.raises(ValueError, match=r"\['b'\]"):
+        bj.state_shardings(bj.adam(1e-3), {"a": jnp.ones(2), "b": np.ones(2)})
+
+
+@pytest.mark.parametrize("name", ["adam", "amsgrad", "sigma_filter_momentum", "rmsprop"])
+def test_zero_style_state_sharded_over_data_axis(x64, rng, name):
+    """Parameters sharded over ``model`` only, state split over ``data`` as well."""
+    params, xs, ys = _problem(rng, d=8, k=4)
+    tx = make(name)
+    want, want_state = _single_device(tx, params, xs, ys)
+
+    mesh = _mesh_2d()
+    param_specs = {"w": P(None, "model"), "b": P("model"), "s": P()}
+    p_shard = {k: NamedSharding(mesh, v) for k, v in param_specs.items()}
+    p = {k: jax.device_put(v, p_shard[k]) for k, v in params.items()}
+    abstract_p = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), p
+    )
+    abstract_s = jax.eval_shape(tx.init, abstract_p)
+
+    def zero(sharding, leaf):
+        # Split the first unsharded dimension of each buffer over "data" when it divides.
+        spec = list(sharding.spec) + [None] * (leaf.ndim - len(sharding.spec))
+        if leaf.ndim and spec[0] is None and leaf.shape[0] % mesh.shape["data"] == 0:
+            spec[0] = "data"
+        return NamedSharding(mesh, P(*spec))
+
+    s_shard = jax.tree.map(
+        zero,
+        bj.state_shardings(tx, abstract_p),
+        abstract_s,
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+    )
+    batch = NamedSharding(mesh, P("data"))
+
+    @functools.partial(jax.jit, out_shardings=(p_shard, s_shard), donate_argnums=(0, 1))
+    def step(p, s, x, y):
+        u, s = tx.update(jax.grad(_loss)(p, x, y), s, p)
+        return optax.apply_updates(p, u), s
+
+    s = jax.jit(tx.init, out_shardings=s_shard)(p)
+    assert any("data" in leaf.sharding.spec for leaf in jax.tree.leaves(s) if leaf.ndim), (
+        "the ZeRO layout should split some buffer over data"
+    )
+    for x, y in zip(xs, ys, strict=True):
+        p, s = step(p, s, jax.device_put(x, batch), jax.device_put(y, batch))
+    _assert_shardings(s, s_shard)
+    _assert_close(p, want)
+    _assert_close(s, want_state)
+
+
+def test_posterior_samples_do_not_depend_on_sharding():
+    mesh = _mesh_2d()
+    params = _sharded_params(mesh)
+    tx = bj.sigma_filter(1e-2, b1=0.9)
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = tx.update(jax.grad(_sharded_loss)(params), state, params)
+    key = jax.random.key(0)
+    sharded = jax.jit(bj.sample_posterior, static_argnums=3)(key, params, state, 2)
+    local = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), (params, state))
+    plain = jax.jit(bj.sample_posterior, static_argnums=3)(key, *local, 2)
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    var = bj.posterior_variance(state)
+    for k in params:
+        assert var[k].sharding.is_equivalent_to(params[k].sharding, params[k].ndim)
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """A real 2-process JAX cluster (gloo on loopback), every optimizer, float64."""
+    pytest.importorskip("sklearn")
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "data_parallel.py"),
+        "--processes", "2",
+        "--devices-per-process", "2",
+        "--steps", "25",
+        "--hidden", "16",
+        "--x64",
+        "--timeout", "240",
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = json.loads((tmp_path / "results.json").read_text())
+    assert len(names) == 8
+    for name in names:
+        single = np.load(tmp_path / f"{name}_single_p0.npz")
+        p0 = np.load(tmp_path / f"{name}_cluster_p0.npz")
+        p1 = np.load(tmp_path / f"{name}_cluster_p1.npz")
+        for k in single.files:
+            np.testing.assert_array_equal(p0[k], p1[k], err_msg=f"{name} {k}")
+            np.testing.assert_allclose(p0[k], single[k], rtol=1e-12, atol=1e-14)
+        # The run trained: parameters moved away from the shared initialisation.
+        losses = json.loads((tmp_path / "losses_cluster.json").read_text())[name]["losses"]
+        assert losses[-1] < losses[0]

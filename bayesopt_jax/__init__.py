@@ -21,6 +21,7 @@ from bayesopt_jax._src.alias import (
     sigma_filter,
     sigma_fixed_point,
 )
+from bayesopt_jax._src.checkpoint import load_npz, save_npz
 from bayesopt_jax._src.decay import add_decoupled_weight_decay
 from bayesopt_jax._src.moments import (
     AmsgradMaxState,
@@ -65,9 +66,11 @@ __all__ = [
     "calibrate_posterior_scale",
     "cross_replica_mean",
     "laplace_scale",
+    "load_npz",
     "posterior_variance",
     "rmsprop",
     "sample_posterior",
+    "save_npz",
     "scale_by_adam",
     "scale_by_adamax",
     "scale_by_amsgrad",

@@ -140,13 +140,17 @@ def scale_by_adam(
 
         def leaf(g, m, v):
             c = moments.compute_dtype(g.dtype)
-            gc = g.astype(c)
+            gc = moments.to_compute(g)
             bc1 = moments.debias_factor(b1, count, c) if bias_correction else None
             m_new, m_hat = _first_moment(gc, m, b1, bc1, count, nesterov=nesterov)
             v_new = moments.ema(moments.abs_sq(gc), v.astype(moments.real_dtype(c)), b2)
             v_hat = v_new / moments.debias_factor(b2, count, c) if bias_correction else v_new
             u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
-            return u.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
+            return (
+                moments.store(u, g.dtype),
+                moments.store(m_new, m.dtype),
+                moments.store(v_new, v.dtype),
+            )
 
         u, mu, nu = moments.tree_map_multi(leaf, 3, updates, state.mu, state.nu)
         return u, ScaleByAdamState(count=count, mu=mu, nu=nu)
@@ -245,7 +249,7 @@ def scale_by_amsgrad(
         def leaf(g, m, v, n):
             c = moments.compute_dtype(g.dtype)
             rc = moments.real_dtype(c)
-            gc = g.astype(c)
+            gc = moments.to_compute(g)
             bc1 = moments.debias_factor(b1, count, c) if bias_correction else None
             m_new, m_hat = _first_moment(gc, m, b1, bc1, count, nesterov=False)
             v_new = moments.ema(moments.abs_sq(gc), v.astype(rc), b2)
@@ -260,10 +264,10 @@ def scale_by_amsgrad(
                 v_eff = n_new
             u = m_hat / (jnp.sqrt(v_eff + eps_root) + eps)
             return (
-                u.astype(g.dtype),
-                m_new.astype(m.dtype),
-                v_new.astype(v.dtype),
-                n_new.astype(n.dtype),
+                moments.store(u, g.dtype),
+                moments.store(m_new, m.dtype),
+                moments.store(v_new, v.dtype),
+                moments.store(n_new, n.dtype),
             )
 
         u, mu, nu, nu_max = moments.tree_map_multi(
@@ -326,13 +330,17 @@ def scale_by_adamax(
 
         def leaf(g, m, v):
             c = moments.compute_dtype(g.dtype)
-            gc = g.astype(c)
+            gc = moments.to_compute(g)
             bc1 = moments.debias_factor(b1, count, c)
             m_new, m_hat = _first_moment(gc, m, b1, bc1, count, nesterov=False)
             b2c = jnp.asarray(b2, moments.real_dtype(c))
             v_new = jnp.maximum(b2c * v.astype(b2c.dtype), jnp.abs(gc) + eps)
             u = m_hat / v_new
-            return u.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
+            return (
+                moments.store(u, g.dtype),
+                moments.store(m_new, m.dtype),
+                moments.store(v_new, v.dtype),
+            )
 
         u, mu, nu = moments.tree_map_multi(leaf, 3, updates, state.mu, state.nu)
         return u, ScaleByAdamState(count=count, mu=mu, nu=nu)
@@ -419,7 +427,7 @@ def scale_by_rms(
         def leaf(g, v, m):
             c = moments.compute_dtype(g.dtype)
             rc = moments.real_dtype(c)
-            gc = g.astype(c)
+            gc = moments.to_compute(g)
             v_new = moments.ema(moments.abs_sq(gc), v.astype(rc), decay)
             bc = moments.debias_factor(decay, count, c) if bias_correction else None
             s = v_new if bc is None else v_new / bc
@@ -430,8 +438,8 @@ def scale_by_rms(
                 s = jnp.maximum(s - moments.abs_sq(m_hat), 0)
             denom = jnp.sqrt(s + eps) if eps_in_sqrt else jnp.sqrt(s) + eps
             u = gc / denom
-            m_out = None if m_new is None else m_new.astype(m.dtype)
-            return u.astype(g.dtype), v_new.astype(v.dtype), m_out
+            m_out = None if m_new is None else moments.store(m_new, m.dtype)
+            return moments.store(u, g.dtype), moments.store(v_new, v.dtype), m_out
 
         u, nu, mu = moments.tree_map_multi(
             leaf, 3, updates, state.nu, state.mu if centered else None
@@ -505,10 +513,12 @@ def scale_by_rss(
 
         def leaf(g, a):
             c = moments.compute_dtype(g.dtype)
-            gc = g.astype(c)
-            a_new = a.astype(moments.real_dtype(c)) + moments.abs_sq(gc)
+            gc = moments.to_compute(g)
+            rc = moments.real_dtype(c)
+            # A sum never shrinks: saturate it rather than let it overflow to inf.
+            a_new = jnp.minimum(a.astype(rc) + moments.abs_sq(gc), jnp.finfo(rc).max)
             u = gc / (jnp.sqrt(a_new) + eps)
-            return u.astype(g.dtype), a_new.astype(a.dtype)
+            return moments.store(u, g.dtype), moments.store(a_new, a.dtype)
 
         u, acc = moments.tree_map_multi(leaf, 2, updates, state.sum_of_squares)
         return u, ScaleByRssState(sum_of_squares=acc)

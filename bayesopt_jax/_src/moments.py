@@ -49,6 +49,41 @@ def abs_sq(x: Array) -> Array:
 # --------------------------------------------------------------------------
 
 
+def to_compute(g: Array) -> Array:
+    """``g`` in its compute dtype, finite magnitudes clipped below ``sqrt(max)/2``.
+
+    Beyond that bound (about 9.2e18 in float32) the square of a gradient, and
+    so every second moment, would overflow to ``inf`` and freeze the state.
+    Adam-type updates depend on the gradient through ratios of its moments,
+    so a clipped gradient gives the step the unclipped one would tend to.
+    Non-finite entries pass through unchanged: a NaN or ``inf`` gradient stays
+    visible in the update (``optax.apply_if_finite`` skips such steps).
+    """
+    c = compute_dtype(g.dtype)
+    gc = jnp.asarray(g).astype(c)
+    limit = math.sqrt(float(jnp.finfo(real_dtype(c)).max)) / 2
+    if jnp.issubdtype(c, jnp.complexfloating):
+        limit /= math.sqrt(2.0)
+        clip = jax.lax.complex(jnp.clip(gc.real, -limit, limit), jnp.clip(gc.imag, -limit, limit))
+    else:
+        clip = jnp.clip(gc, -limit, limit)
+    return jnp.where(jnp.isfinite(gc), clip, gc)
+
+
+def store(x: Array, dtype: Any) -> Array:
+    """Casts ``x`` to a state dtype, saturating at its largest finite value.
+
+    A float16 buffer would otherwise turn any value above 65504 into ``inf``
+    and never recover. Values that were already ``inf`` or NaN stay so.
+    """
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.issubdtype(x.dtype, jnp.floating):
+        top = float(jnp.finfo(dtype).max)
+        if top < float(jnp.finfo(x.dtype).max):
+            x = jnp.where(jnp.isfinite(x), jnp.clip(x, -top, top), x)
+    return x.astype(dtype)
+
+
 def zeros_like(x: Array, dtype: Any = None) -> Array:
     """Zeros shaped like ``x`` that follow ``x``'s sharding, also under ``jit``.
 
@@ -296,7 +331,11 @@ def trace(decay: Any) -> optax.GradientTransformation:
         del params
         check_tree_match("trace", updates, state.trace, "trace")
 
-        new_trace = jax.tree.map(lambda g, t: (g + decay * t).astype(t.dtype), updates, state.trace)
+        def leaf(g, t):
+            c = compute_dtype(jnp.promote_types(g.dtype, t.dtype))
+            return store(g.astype(c) + decay * t.astype(c), t.dtype)
+
+        new_trace = jax.tree.map(leaf, updates, state.trace)
         out = jax.tree.map(lambda n, g: n.astype(g.dtype), new_trace, updates)
         return out, optax.TraceState(trace=new_trace)
 

@@ -95,7 +95,7 @@ def _evidence_and_direction(g, m, s, count, *, beta, b1, bias_correction, eps):
     """Shared by the filter and the fixed point: new moments, ŝ (floored) and d."""
     c = moments.compute_dtype(g.dtype)
     rc = moments.real_dtype(c)
-    gc = g.astype(c)
+    gc = moments.to_compute(g)
     s_new = moments.ema(moments.abs_sq(gc), s.astype(rc), beta)
     s_hat = s_new / moments.debias_factor(beta, count, c) if bias_correction else s_new
     s_hat = s_hat + jnp.asarray(eps, rc)
@@ -154,9 +154,9 @@ def _sigma_transformation(where, new_sigma, eta, beta, b1, bias_correction, eps,
             )
             e = jnp.asarray(eta_t, s_hat.dtype)
             sig_new = new_sigma(sig.astype(s_hat.dtype), s_hat, e, count)
-            m_out = None if m_new is None else m_new.astype(m.dtype)
-            u = (sig_new * d).astype(g.dtype)
-            return u, m_out, s_new.astype(s.dtype), sig_new.astype(sig.dtype)
+            m_out = None if m_new is None else moments.store(m_new, m.dtype)
+            u = moments.store(sig_new * d, g.dtype)
+            return u, m_out, moments.store(s_new, s.dtype), moments.store(sig_new, sig.dtype)
 
         u, mu, nu, sigma = moments.tree_map_multi(leaf, 4, updates, state.mu, state.nu, state.sigma)
         mu = None if state.mu is None else mu
@@ -402,7 +402,7 @@ def scale_by_sigma_filter_full(
             )
         count = optax.safe_increment(state.count)
         c = state.nu.dtype
-        g = flat.astype(c)
+        g = moments.to_compute(flat).astype(c)
         b = jnp.asarray(beta, c)
         G = b * state.nu + jnp.asarray(1 - beta, c) * jnp.outer(g, g)
         G_hat = G / moments.debias_factor(beta, count, c)

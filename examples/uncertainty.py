@@ -5,7 +5,8 @@ test set the mean parameters against posterior averages drawn with
 ``sample_posterior`` at three scales: the raw σ (far too wide), the Laplace
 scale from ``laplace_scale`` and a temperature calibrated on a held-out
 validation split with ``calibrate_posterior_scale``. Also reports the
-expected calibration error and the predictive entropy on noise images.
+expected calibration error and the predictive entropy on noise images, and
+saves a reliability diagram.
 
     python examples/uncertainty.py --epochs 30
 """
@@ -14,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("MPLBACKEND", "Agg")
 
 import jax
 import jax.numpy as jnp
@@ -57,18 +61,43 @@ def bma_log_probs(draws, x):
     return jax.scipy.special.logsumexp(lp, axis=0) - jnp.log(lp.shape[0])
 
 
-def metrics(lp, y, bins=10):
-    lp = np.asarray(lp)
-    nll = float(-lp[np.arange(len(y)), y].mean())
-    p = np.exp(lp)
+def reliability(lp, y, bins=10):
+    """Per confidence bin: (fraction of points, mean confidence, accuracy)."""
+    p = np.exp(np.asarray(lp))
     conf, pred = p.max(1), p.argmax(1)
-    acc = float((pred == y).mean())
-    ece = 0.0
+    rows = []
     for lo in np.linspace(0, 1, bins, endpoint=False):
         sel = (conf > lo) & (conf <= lo + 1 / bins)
         if sel.any():
-            ece += sel.mean() * abs((pred[sel] == y[sel]).mean() - conf[sel].mean())
+            rows.append(
+                (float(sel.mean()), float(conf[sel].mean()), float((pred[sel] == y[sel]).mean()))
+            )
+    return rows
+
+
+def metrics(lp, y, bins=10):
+    lp = np.asarray(lp)
+    nll = float(-lp[np.arange(len(y)), y].mean())
+    acc = float((lp.argmax(1) == y).mean())
+    ece = sum(w * abs(a - c) for w, c, a in reliability(lp, y, bins))
     return {"nll": nll, "accuracy": acc, "ece": float(ece)}
+
+
+def plot_reliability(rows, y, path):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="gray", lw=1, ls=":", label="perfect calibration")
+    for label, (lp, _) in rows.items():
+        curve = reliability(lp, y)
+        ax.plot([c for _, c, _ in curve], [a for _, _, a in curve], marker="o", label=label)
+    ax.set_xlabel("confidence (max predicted probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability diagram, digits test split")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def entropy(lp):
@@ -145,6 +174,8 @@ def main(argv=None):
     print(f"calibrated temperature: {best_t:g} (0 means the mean parameters were best)")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    plot_reliability(rows, yte, args.out / "reliability.png")
+    print(f"saved {args.out / 'results.json'} and {args.out / 'reliability.png'}")
     return results, best_t
 
 

@@ -4,6 +4,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -42,3 +43,32 @@ def test_uncertainty_smoke(tmp_path):
     # The raw σ is far wider than a posterior over weights: it must hurt.
     assert results["BMA, raw σ"]["nll"] > mean["nll"]
     assert (tmp_path / "results.json").exists()
+    assert (tmp_path / "reliability.png").stat().st_size > 1000
+
+
+def test_kingma_ba_smoke(tmp_path):
+    pytest.importorskip("sklearn")
+    mod = _load("kingma_ba")
+    logreg, ablation, summary = mod.main(
+        ["--epochs-logreg", "3", "--epochs-ae", "1", "2", "--out", str(tmp_path)]
+    )
+    assert set(logreg) == {"Adam", "AdaGrad", "RMSProp", "SGDNesterov"}
+    for r in logreg.values():
+        # three epochs of the best step size already beat the uniform predictor, log(10)
+        assert r["curve"][-1] < 2.302 and r["best_lr"] in mod.LOGREG_LRS
+    assert len(ablation) == 2 * len(mod.AE_B1) * len(mod.AE_B2) * len(mod.AE_LOG_LRS)
+    assert len(summary) == 2 * len(mod.AE_B1) * len(mod.AE_B2)
+    for name in ("logreg.png", "bias_correction.png", "results.json"):
+        assert (tmp_path / name).stat().st_size > 500
+
+
+def test_sigma_regimes_smoke(tmp_path):
+    mod = _load("sigma_regimes")
+    result = mod.main(["--steps", "200", "--out", str(tmp_path)])
+    for small, large in result["asymptote_gaps"].values():
+        assert small < 1e-3 and large < 1e-2  # σ* meets both asymptotes at the range ends
+    assert result["full_matrix_residual"] < 1e-8
+    assert result["full_matrix_commutator"] < 1e-8
+    assert all(np.isfinite(r["final_f"]) for r in result["quadratic"].values())
+    for name in ("fixed_point.png", "full_matrix.png", "quadratic.png"):
+        assert (tmp_path / name).stat().st_size > 1000

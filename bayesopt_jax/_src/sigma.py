@@ -60,7 +60,12 @@ def sigma_star(evidence: Array, eta: Array | float) -> Array:
 def sigma_star_full(G: Array, eta: Array | float) -> Array:
     r"""Matrix fixed point :math:`\Sigma^* = \frac{\eta^2}{2} I + \eta (G^{-1} + \frac{\eta^2}{4} I)^{1/2}`.
 
-    Computed from the eigendecomposition of the symmetric positive definite ``G``.
+    Computed from the eigendecomposition of the symmetric positive
+    semi-definite ``G``: it shares ``G``'s eigenvectors and applies
+    :func:`sigma_star` to each eigenvalue. Eigenvalues that rounding pushes
+    to zero or below are floored at the dtype's smallest normal number, so
+    an ill-conditioned ``G`` gives a large but finite variance along its
+    null directions rather than NaN.
 
     Example:
       >>> import jax.numpy as jnp
@@ -70,6 +75,7 @@ def sigma_star_full(G: Array, eta: Array | float) -> Array:
       True
     """
     lam, V = jnp.linalg.eigh(G)
+    lam = jnp.maximum(lam, jnp.finfo(lam.dtype).tiny)
     return (V * sigma_star(lam, eta)) @ V.T
 
 

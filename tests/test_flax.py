@@ -1,0 +1,133 @@
+"""Flax integration: nnx.Optimizer and TrainState, unchanged, for every optimizer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from registry import OPTIMIZERS, make
+
+import bayesopt_jax as bj
+
+nnx = pytest.importorskip("flax.nnx")
+train_state = pytest.importorskip("flax.training.train_state")
+
+NAMES = sorted(OPTIMIZERS)
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 6)).astype(np.float32)
+    w = rng.normal(size=(6, 3)).astype(np.float32)
+    y = np.argmax(x @ w + 0.1 * rng.normal(size=(128, 3)), axis=-1)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(6, 16, rngs=rngs)
+        self.l2 = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(nnx.tanh(self.l1(x)))
+
+
+def _nnx_loss(model, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
+def _train_nnx(tx, steps=60):
+    x, y = _data()
+    model = MLP(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(_nnx_loss)(model, x, y)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer)) for _ in range(steps)]
+    return losses, model, optimizer
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nnx_optimizer_trains(name):
+    losses, _, optimizer = _train_nnx(make(name, **{_lr(name): 3e-2}))
+    assert np.isfinite(losses).all()
+    assert losses[-1] < 0.7 * losses[0], losses[::10]
+    assert int(optimizer.step[...]) == 60
+
+
+def _lr(name):
+    return "learning_rate" if "learning_rate" in OPTIMIZERS[name][1] else "eta"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_state_trains(name):
+    x, y = _data()
+    model = MLP(nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def apply_fn(p, x):
+        return nnx.merge(graphdef, p)(x)
+
+    state = train_state.TrainState.create(
+        apply_fn=apply_fn, params=params, tx=make(name, **{_lr(name): 3e-2})
+    )
+
+    @jax.jit
+    def step(state):
+        def loss_fn(p):
+            logits = state.apply_fn(p, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads=grads), loss
+
+    losses = []
+    for _ in range(60):
+        state, loss = step(state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.7 * losses[0], losses[::10]
+    assert int(state.step) == 60
+
+
+def test_extra_args_reach_the_chain_through_nnx_optimizer():
+    """reduce_on_plateau needs ``value=``; nnx.Optimizer.update forwards it."""
+    x, y = _data()
+    model = MLP(nnx.Rngs(0))
+    tx = optax.chain(bj.adam(1e-2), optax.contrib.reduce_on_plateau(patience=2, factor=0.5))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, value):
+        grads = nnx.grad(_nnx_loss)(model, x, y)
+        optimizer.update(model, grads, value=value)
+
+    for _ in range(8):  # a loss that never improves
+        step(model, optimizer, jnp.asarray(1.0))
+    scale = float(optax.tree.get(nnx.to_pure_dict(nnx.state(optimizer, nnx.OptState)), "scale"))
+    assert scale < 1.0
+
+
+def test_sigma_filter_posterior_from_an_nnx_optimizer():
+    """posterior_variance and sample_posterior read the state an nnx.Optimizer holds."""
+    losses, model, optimizer = _train_nnx(bj.sigma_filter(3e-2, b1=0.9))
+    assert losses[-1] < losses[0]
+
+    # nnx keeps the optax state's structure with its arrays inside Variables.
+    def unwrap(tree):
+        return jax.tree.map(
+            lambda v: v.get_value(), tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
+
+    opt_state = unwrap(optimizer.opt_state)
+    params = unwrap(nnx.state(model, nnx.Param))
+    var = bj.posterior_variance(opt_state)
+    assert jax.tree.structure(var) == jax.tree.structure(params)
+    for v in jax.tree.leaves(var):
+        assert bool(jnp.all(v > 0))
+    draws = bj.sample_posterior(jax.random.key(0), params, opt_state, 3, scale=1e-3)
+    for d, p in zip(jax.tree.leaves(draws), jax.tree.leaves(params), strict=True):
+        assert d.shape == (3, *p.shape)

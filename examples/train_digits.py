@@ -30,12 +30,17 @@ from flax import nnx
 import bayesopt_jax as bj
 
 
-def optimizer_zoo(lr: float) -> dict[str, optax.GradientTransformation]:
-    """Every optimizer of the library, at hyperparameters a user would start from."""
+def optimizer_zoo(lr: float, state_dtype=None) -> dict[str, optax.GradientTransformation]:
+    """Every optimizer of the library, at hyperparameters a user would start from.
+
+    ``state_dtype`` (e.g. ``jnp.bfloat16``) sets the moment dtypes of the
+    optimizers that take ``mu_dtype``/``nu_dtype`` (adam, adamw, amsgrad).
+    """
+    dt = dict(mu_dtype=state_dtype, nu_dtype=state_dtype)
     zoo = {
-        "adam": bj.adam(lr),
-        "adamw": bj.adamw(lr, weight_decay=1e-4),
-        "amsgrad": bj.amsgrad(lr),
+        "adam": bj.adam(lr, **dt),
+        "adamw": bj.adamw(lr, weight_decay=1e-4, **dt),
+        "amsgrad": bj.amsgrad(lr, **dt),
         "adamax": bj.adamax(2 * lr),
         "rmsprop": bj.rmsprop(lr, decay=0.99),
         "adagrad": bj.adagrad(10 * lr),
@@ -135,9 +140,15 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/train_digits"))
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--state-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="moment dtype of adam, adamw and amsgrad (arithmetic stays float32)",
+    )
     args = parser.parse_args(argv)
 
-    zoo = optimizer_zoo(args.lr)
+    zoo = optimizer_zoo(args.lr, jnp.dtype(args.state_dtype))
     names = args.optimizers or list(zoo)
     unknown = sorted(set(names) - set(zoo))
     if unknown:

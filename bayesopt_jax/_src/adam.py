@@ -137,14 +137,15 @@ def scale_by_adam(
         del params
         moments.check_tree_match("scale_by_adam", updates, state.mu, "mu")
         count = optax.safe_increment(state.count)
+        debias = moments.Debias(count)
 
         def leaf(g, m, v):
             c = moments.compute_dtype(g.dtype)
             gc = moments.to_compute(g)
-            bc1 = moments.debias_factor(b1, count, c) if bias_correction else None
+            bc1 = debias(b1, c) if bias_correction else None
             m_new, m_hat = _first_moment(gc, m, b1, bc1, count, nesterov=nesterov)
             v_new = moments.ema(moments.abs_sq(gc), v.astype(moments.real_dtype(c)), b2)
-            v_hat = v_new / moments.debias_factor(b2, count, c) if bias_correction else v_new
+            v_hat = v_new / debias(b2, c) if bias_correction else v_new
             u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
             return (
                 moments.store(u, g.dtype),
@@ -245,12 +246,13 @@ def scale_by_amsgrad(
         del params
         moments.check_tree_match(where, updates, state.mu, "mu")
         count = optax.safe_increment(state.count)
+        debias = moments.Debias(count)
 
         def leaf(g, m, v, n):
             c = moments.compute_dtype(g.dtype)
             rc = moments.real_dtype(c)
             gc = moments.to_compute(g)
-            bc1 = moments.debias_factor(b1, count, c) if bias_correction else None
+            bc1 = debias(b1, c) if bias_correction else None
             m_new, m_hat = _first_moment(gc, m, b1, bc1, count, nesterov=False)
             v_new = moments.ema(moments.abs_sq(gc), v.astype(rc), b2)
             if not bias_correction:
@@ -258,9 +260,9 @@ def scale_by_amsgrad(
                 v_eff = n_new
             elif max_of == "raw":
                 n_new = jnp.maximum(n.astype(rc), v_new)
-                v_eff = n_new / moments.debias_factor(b2, count, c)
+                v_eff = n_new / debias(b2, c)
             else:
-                n_new = jnp.maximum(n.astype(rc), v_new / moments.debias_factor(b2, count, c))
+                n_new = jnp.maximum(n.astype(rc), v_new / debias(b2, c))
                 v_eff = n_new
             u = m_hat / (jnp.sqrt(v_eff + eps_root) + eps)
             return (
@@ -327,11 +329,12 @@ def scale_by_adamax(
         del params
         moments.check_tree_match(where, updates, state.mu, "mu")
         count = optax.safe_increment(state.count)
+        debias = moments.Debias(count)
 
         def leaf(g, m, v):
             c = moments.compute_dtype(g.dtype)
             gc = moments.to_compute(g)
-            bc1 = moments.debias_factor(b1, count, c)
+            bc1 = debias(b1, c)
             m_new, m_hat = _first_moment(gc, m, b1, bc1, count, nesterov=False)
             b2c = jnp.asarray(b2, moments.real_dtype(c))
             v_new = jnp.maximum(b2c * v.astype(b2c.dtype), jnp.abs(gc) + eps)
@@ -423,13 +426,14 @@ def scale_by_rms(
         del params
         moments.check_tree_match(where, updates, state.nu, "nu")
         count = optax.safe_increment(state.count)
+        debias = moments.Debias(count)
 
         def leaf(g, v, m):
             c = moments.compute_dtype(g.dtype)
             rc = moments.real_dtype(c)
             gc = moments.to_compute(g)
             v_new = moments.ema(moments.abs_sq(gc), v.astype(rc), decay)
-            bc = moments.debias_factor(decay, count, c) if bias_correction else None
+            bc = debias(decay, c) if bias_correction else None
             s = v_new if bc is None else v_new / bc
             m_new = None
             if centered:

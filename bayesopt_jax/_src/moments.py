@@ -183,6 +183,25 @@ def debias_factor(decay: Any, count: Array, dtype: Any) -> Array:
     return -jnp.expm1(count.astype(dtype) * log_decay)
 
 
+class Debias:
+    """:func:`debias_factor` at one step count, computed once per (decay, dtype).
+
+    An update over a tree of many leaves would otherwise trace the same
+    scalar computation once per leaf, which costs compile time.
+    """
+
+    def __init__(self, count: Array):
+        self.count = count
+        self._cache: dict[tuple[int, Any], tuple[Any, Array]] = {}
+
+    def __call__(self, decay: Any, dtype: Any) -> Array:
+        key = (id(decay), real_dtype(compute_dtype(dtype)))
+        if key not in self._cache:
+            # keep ``decay`` alive with its value so that its id stays unique
+            self._cache[key] = (decay, debias_factor(decay, self.count, dtype))
+        return self._cache[key][1]
+
+
 def ema(new: Array, old: Array, decay: Any) -> Array:
     """``decay * old + (1 - decay) * new`` (both already in the compute dtype)."""
     dt = real_dtype(new.dtype)

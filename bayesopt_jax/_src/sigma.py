@@ -97,18 +97,18 @@ def _check_sigma_args(where, eta, beta, b1, eps, sigma_init=None, sigma_max=None
         validation.check_range("max_ratio", max_ratio, low=1.0, where=where)
 
 
-def _evidence_and_direction(g, m, s, count, *, beta, b1, bias_correction, eps):
+def _evidence_and_direction(g, m, s, debias, *, beta, b1, bias_correction, eps):
     """Shared by the filter and the fixed point: new moments, ŝ (floored) and d."""
     c = moments.compute_dtype(g.dtype)
     rc = moments.real_dtype(c)
     gc = moments.to_compute(g)
     s_new = moments.ema(moments.abs_sq(gc), s.astype(rc), beta)
-    s_hat = s_new / moments.debias_factor(beta, count, c) if bias_correction else s_new
+    s_hat = s_new / debias(beta, c) if bias_correction else s_new
     s_hat = s_hat + jnp.asarray(eps, rc)
     if m is None:
         return s_new, s_hat, None, gc
     m_new = moments.ema(gc, m.astype(c), b1)
-    d = m_new / moments.debias_factor(b1, count, c) if bias_correction else m_new
+    d = m_new / debias(b1, c) if bias_correction else m_new
     return s_new, s_hat, m_new, d
 
 
@@ -152,11 +152,12 @@ def _sigma_transformation(where, new_sigma, eta, beta, b1, bias_correction, eps,
         del params
         moments.check_tree_match(where, updates, state.nu, "nu")
         count = optax.safe_increment(state.count)
+        debias = moments.Debias(count)
         eta_t = _eta_at(eta, state.count)
 
         def leaf(g, m, s, sig):
             s_new, s_hat, m_new, d = _evidence_and_direction(
-                g, m, s, count, beta=beta, b1=b1, bias_correction=bias_correction, eps=eps
+                g, m, s, debias, beta=beta, b1=b1, bias_correction=bias_correction, eps=eps
             )
             e = jnp.asarray(eta_t, s_hat.dtype)
             sig_new = new_sigma(sig.astype(s_hat.dtype), s_hat, e, count)

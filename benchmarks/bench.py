@@ -1,0 +1,266 @@
+"""Optimizer-step benchmark: bayesopt_jax vs Optax vs torch.optim, in one process.
+
+    python benchmarks/bench.py                      # all trees, table + JSON
+    python benchmarks/bench.py --trees mix_300 --repeats 50 --json out.json
+
+For each parameter tree it measures, in the same run:
+
+* the steady-state time of one optimizer step under ``jax.jit`` with the
+  parameters and state donated (``update`` + ``apply_updates`` in one
+  compiled function), the median over ``--repeats`` timed steps after
+  warm-up; and the compile time of that function;
+* ``torch.optim.Adam`` with ``fused=True`` and with ``foreach=True`` on the
+  same shapes (when PyTorch is installed);
+* the memory roofline: an in-place streaming kernel (``x ← a·x + y``,
+  donated, 12 bytes per element) on the largest tree, whose bandwidth turns
+  each optimizer's byte count into an ideal time.
+
+Everything is reported as ratios too, because absolute times on a shared
+machine are noisy: ``vs optax`` and ``vs torch`` compare with ``optax.adam``
+and the fused PyTorch Adam measured moments before, on the same tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import bayesopt_jax as bj
+
+# --------------------------------------------------------------------------
+# parameter trees
+# --------------------------------------------------------------------------
+
+
+def tree_one_16m():
+    return {"w": (4096, 4096)}
+
+
+def tree_mix_300():
+    """A transformer-like mix: 20 blocks of width 128 plus embeddings (4.4M, 246 arrays)."""
+    d, shapes = 128, {}
+    shapes["embed"] = (2048, d)
+    shapes["pos"] = (512, d)
+    for i in range(20):
+        b = f"block{i:02d}"
+        shapes |= {
+            f"{b}.ln1.scale": (d,),
+            f"{b}.ln1.bias": (d,),
+            f"{b}.qkv.w": (d, 3 * d),
+            f"{b}.qkv.b": (3 * d,),
+            f"{b}.proj.w": (d, d),
+            f"{b}.proj.b": (d,),
+            f"{b}.ln2.scale": (d,),
+            f"{b}.ln2.bias": (d,),
+            f"{b}.mlp1.w": (d, 4 * d),
+            f"{b}.mlp1.b": (4 * d,),
+            f"{b}.mlp2.w": (4 * d, d),
+            f"{b}.mlp2.b": (d,),
+        }
+    shapes["head.ln.scale"] = (d,)
+    shapes["head.ln.bias"] = (d,)
+    shapes["head.w"] = (d, 1000)
+    shapes["head.b"] = (1000,)
+    return shapes
+
+
+def tree_small_1000():
+    """1000 small arrays (2,048 parameters each: 2.0M)."""
+    return {f"p{i:04d}": (32, 64) for i in range(1000)}
+
+
+TREES = {"one_16M": tree_one_16m, "mix_300": tree_mix_300, "small_1000": tree_small_1000}
+
+
+def materialize(shapes: dict, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    params = {k: jnp.asarray(rng.normal(size=s).astype(np.float32)) for k, s in shapes.items()}
+    grads = {
+        k: jnp.asarray(rng.normal(size=s).astype(np.float32) * 1e-2) for k, s in shapes.items()
+    }
+    return params, grads
+
+
+# --------------------------------------------------------------------------
+# optimizers, with their ideal bytes moved per parameter in one fp32 step
+# --------------------------------------------------------------------------
+
+# Two-call Optax API, perfect fusion: read g + state, write u + state, then
+# read p, u and write p. In-place (PyTorch): read p, g, state; write p, state.
+OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation], int, int]] = {
+    # name: (factory, state bytes / param, ideal bytes / param, two-call API)
+    "optax.adam": (lambda: optax.adam(1e-3), 8, 36),
+    "bj.adam": (lambda: bj.adam(1e-3), 8, 36),
+    "bj.adam bf16 state": (
+        lambda: bj.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
+        4,
+        28,
+    ),
+    "optax.flatten(bj.adam)": (lambda: optax.flatten(bj.adam(1e-3)), 8, 36),
+    "bj.amsgrad": (lambda: bj.amsgrad(1e-3), 12, 44),
+    "bj.sigma_filter": (lambda: bj.sigma_filter(1e-3), 8, 36),
+    "bj.sigma_filter b1=0.9": (lambda: bj.sigma_filter(1e-3, b1=0.9), 12, 44),
+}
+
+
+def time_jax(make_tx, params, grads, repeats: int, warmup: int = 3):
+    tx = make_tx()
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    params = jax.tree.map(jnp.copy, params)
+    state = jax.jit(tx.init)(params)
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        params, state = compiled(params, state, grads)
+    jax.block_until_ready((params, state))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        params, state = compiled(params, state, grads)
+        jax.block_until_ready((params, state))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), compile_s
+
+
+def time_torch(shapes: dict, repeats: int, mode: str, warmup: int = 3):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(*s, generator=gen, requires_grad=True) for s in shapes.values()]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+    opt = torch.optim.Adam(params, lr=1e-3, **{mode: True})
+    for _ in range(warmup):
+        opt.step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def roofline(n: int, repeats: int) -> float:
+    """Bytes per second of a donated in-place stream x <- a*x + y (12 B / element)."""
+    x = jnp.ones(n, jnp.float32)
+    y = jnp.full(n, 1e-3, jnp.float32)
+    f = jax.jit(lambda x, y: 0.999 * x + y, donate_argnums=0).lower(x, y).compile()
+    for _ in range(3):
+        x = f(x, y)
+    x.block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x = f(x, y)
+        x.block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 12 * n / statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trees", nargs="+", default=list(TREES), choices=list(TREES))
+    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--json", type=Path, default=Path("outputs/benchmarks/bench.json"))
+    args = ap.parse_args(argv)
+
+    try:
+        import torch
+
+        have_torch = not args.no_torch
+        torch_version = torch.__version__
+    except ImportError:
+        have_torch, torch_version = False, None
+
+    device = jax.devices()[0]
+    report = {
+        "machine": {
+            "jax_backend": jax.default_backend(),
+            "device": getattr(device, "device_kind", str(device)),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "jax": jax.__version__,
+            "optax": optax.__version__,
+            "torch": torch_version,
+        },
+        "trees": {},
+    }
+    n_max = max(sum(int(np.prod(s)) for s in TREES[t]().values()) for t in args.trees)
+    bandwidth = roofline(n_max, args.repeats)
+    report["roofline_bytes_per_s"] = bandwidth
+    print(
+        f"backend {jax.default_backend()} ({report['machine']['device']}), "
+        f"streaming roofline {bandwidth / 1e9:.2f} GB/s (x <- a*x + y, {n_max / 1e6:.1f}M floats)"
+    )
+
+    for tree_name in args.trees:
+        shapes = TREES[tree_name]()
+        n = sum(int(np.prod(s)) for s in shapes.values())
+        params, grads = materialize(shapes)
+        rows = {}
+        if have_torch:
+            for mode in ("fused", "foreach"):
+                t = time_torch(shapes, args.repeats, mode)
+                rows[f"torch Adam {mode}"] = {
+                    "step_s": t,
+                    "compile_s": None,
+                    "state_B": 8,
+                    "ideal_B": 28,
+                }
+        for name in args.optimizers:
+            make_tx, state_b, ideal_b = OPTIMIZERS[name]
+            t, c = time_jax(make_tx, params, grads, args.repeats)
+            rows[name] = {"step_s": t, "compile_s": c, "state_B": state_b, "ideal_B": ideal_b}
+        ref_optax = rows.get("optax.adam", {}).get("step_s")
+        ref_optax_c = rows.get("optax.adam", {}).get("compile_s")
+        ref_torch = rows.get("torch Adam fused", {}).get("step_s")
+        print(f"\n{tree_name}: {len(shapes)} arrays, {n / 1e6:.2f}M parameters (float32)")
+        print(
+            f"{'optimizer':<24} {'step ms':>8} {'vs optax':>8} {'vs torch':>8} "
+            f"{'compile s':>9} {'c vs optax':>10} {'state B/p':>9} {'roofline':>8}"
+        )
+        for name, r in rows.items():
+            ideal = r["ideal_B"] * n / bandwidth
+            r["roofline_fraction"] = ideal / r["step_s"]
+            r["vs_optax"] = r["step_s"] / ref_optax if ref_optax else None
+            r["vs_torch_fused"] = r["step_s"] / ref_torch if ref_torch else None
+            r["compile_vs_optax"] = (
+                r["compile_s"] / ref_optax_c if (r["compile_s"] and ref_optax_c) else None
+            )
+
+            def fmt(x, spec):
+                return format(x, spec) if x is not None else "-"
+
+            print(
+                f"{name:<24} {1e3 * r['step_s']:>8.2f} {fmt(r['vs_optax'], '>8.2f')} "
+                f"{fmt(r['vs_torch_fused'], '>8.2f')} {fmt(r['compile_s'], '>9.2f')} "
+                f"{fmt(r['compile_vs_optax'], '>10.2f')} {r['state_B']:>9d} "
+                f"{r['roofline_fraction']:>8.0%}"
+            )
+        report["trees"][tree_name] = {"arrays": len(shapes), "params": n, "rows": rows}
+
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -80,6 +80,8 @@ def tree_small_1000():
 
 
 TREES = {"one_16M": tree_one_16m, "mix_300": tree_mix_300, "small_1000": tree_small_1000}
+# for the smoke test only
+TINY = {"tiny": lambda: {"a": (64,), "b": (8, 8), "c": ()}}
 
 
 def materialize(shapes: dict, seed: int = 0):
@@ -141,7 +143,7 @@ def time_torch(shapes: dict, repeats: int, mode: str, warmup: int = 3):
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    params = [torch.randn(*s, generator=gen, requires_grad=True) for s in shapes.values()]
+    params = [torch.randn(tuple(s), generator=gen, requires_grad=True) for s in shapes.values()]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen) * 1e-2
     opt = torch.optim.Adam(params, lr=1e-3, **{mode: True})
@@ -172,13 +174,60 @@ def roofline(n: int, repeats: int) -> float:
     return 12 * n / statistics.median(times)
 
 
+def sweep(repeats: int, have_torch: bool, out: Path) -> dict:
+    """Step time against parameter count (one array) and against array count (2,048 each)."""
+    names = ["optax.adam", "bj.adam"]
+    res = {"by_size": {}, "by_arrays": {}}
+    cases = [("by_size", n, {"w": (n,)}) for n in (2**18, 2**20, 2**22, 2**24)]
+    cases += [
+        ("by_arrays", k, {f"p{i}": (32, 64) for i in range(k)}) for k in (10, 30, 100, 300, 1000)
+    ]
+    for kind, x, shapes in cases:
+        params, grads = materialize(shapes)
+        row = {n: time_jax(OPTIMIZERS[n][0], params, grads, repeats)[0] for n in names}
+        if have_torch:
+            row["torch Adam fused"] = time_torch(shapes, repeats, "fused")
+        res[kind][x] = row
+        print(kind, x, {k: f"{1e3 * v:.2f} ms" for k, v in row.items()})
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, kind, xlabel in (
+        (axes[0], "by_size", "parameters (one float32 array)"),
+        (axes[1], "by_arrays", "arrays of 2,048 float32 parameters"),
+    ):
+        xs = sorted(res[kind])
+        for name in res[kind][xs[0]]:
+            ax.loglog(xs, [1e3 * res[kind][x][name] for x in xs], marker="o", label=name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("step time (ms)")
+        ax.legend()
+    axes[0].set_title("Adam step vs parameter count")
+    axes[1].set_title("Adam step vs number of arrays")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trees", nargs="+", default=list(TREES), choices=list(TREES))
+    ap.add_argument("--trees", nargs="+", default=list(TREES), choices=[*TREES, *TINY])
     ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--json", type=Path, default=Path("outputs/benchmarks/bench.json"))
+    ap.add_argument(
+        "--sweep",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="also time Adam against parameter and array counts and plot to PNG",
+    )
     args = ap.parse_args(argv)
 
     try:
@@ -202,7 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "trees": {},
     }
-    n_max = max(sum(int(np.prod(s)) for s in TREES[t]().values()) for t in args.trees)
+    trees = {**TREES, **TINY}
+    n_max = max(sum(int(np.prod(s)) for s in trees[t]().values()) for t in args.trees)
     bandwidth = roofline(n_max, args.repeats)
     report["roofline_bytes_per_s"] = bandwidth
     print(
@@ -211,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     for tree_name in args.trees:
-        shapes = TREES[tree_name]()
+        shapes = trees[tree_name]()
         n = sum(int(np.prod(s)) for s in shapes.values())
         params, grads = materialize(shapes)
         rows = {}
@@ -256,6 +306,9 @@ def main(argv: list[str] | None = None) -> dict:
             )
         report["trees"][tree_name] = {"arrays": len(shapes), "params": n, "rows": rows}
 
+    if args.sweep is not None:
+        args.sweep.parent.mkdir(parents=True, exist_ok=True)
+        report["sweep"] = sweep(args.repeats, have_torch, args.sweep)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.json}")

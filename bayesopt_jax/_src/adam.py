@@ -112,7 +112,7 @@ def scale_by_adam(
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from bayesopt_jax import scale_by_adam
       >>> tx = scale_by_adam()
@@ -219,7 +219,7 @@ def scale_by_amsgrad(
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleByAmsgradState`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from bayesopt_jax import scale_by_amsgrad
       >>> tx = scale_by_amsgrad(max_of="raw")
@@ -303,7 +303,7 @@ def scale_by_adamax(
       An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`
       (``nu`` holds the infinity norm).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from bayesopt_jax import scale_by_adamax
       >>> tx = scale_by_adamax(eps=0.0)
@@ -398,7 +398,7 @@ def scale_by_rms(
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleByRmsState`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from bayesopt_jax import scale_by_rms
       >>> tx = scale_by_rms(decay=0.0, eps=0.0)
@@ -483,7 +483,7 @@ def scale_by_rss(
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleByRssState`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from bayesopt_jax import scale_by_rss
       >>> tx = scale_by_rss(eps=0.0)

@@ -44,14 +44,18 @@ def adam(
 
     Args:
       learning_rate: step size :math:`\alpha` (number or schedule), >= 0.
-      b1, b2, eps, eps_root: as in :func:`~bayesopt_jax.scale_by_adam`.
+      b1: as in :func:`~bayesopt_jax.scale_by_adam`.
+      b2: as in :func:`~bayesopt_jax.scale_by_adam`.
+      eps: as in :func:`~bayesopt_jax.scale_by_adam`.
+      eps_root: as in :func:`~bayesopt_jax.scale_by_adam`.
       nesterov: Nesterov look-ahead (NAdam).
-      mu_dtype, nu_dtype: state dtypes.
+      mu_dtype: state dtypes.
+      nu_dtype: state dtypes.
 
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, optax
       >>> import bayesopt_jax as bj
       >>> params = jnp.array([1.0, -2.0])
@@ -96,16 +100,21 @@ def adamw(
 
     Args:
       learning_rate: step size (number or schedule), >= 0.
-      b1, b2, eps, eps_root: as in :func:`~bayesopt_jax.scale_by_adam`.
+      b1: as in :func:`~bayesopt_jax.scale_by_adam`.
+      b2: as in :func:`~bayesopt_jax.scale_by_adam`.
+      eps: as in :func:`~bayesopt_jax.scale_by_adam`.
+      eps_root: as in :func:`~bayesopt_jax.scale_by_adam`.
       weight_decay: :math:`\lambda` >= 0.
       mask: which leaves to decay (pytree of bools or callable), see
         :func:`~bayesopt_jax.add_decoupled_weight_decay`.
-      nesterov, mu_dtype, nu_dtype: as in :func:`adam`.
+      nesterov: as in :func:`adam`.
+      mu_dtype: as in :func:`adam`.
+      nu_dtype: as in :func:`adam`.
 
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> import bayesopt_jax as bj
       >>> params = {"w": jnp.ones(2), "b": jnp.ones(2)}
@@ -149,15 +158,19 @@ def amsgrad(
 
     Args:
       learning_rate: step size (number or schedule), >= 0.
-      b1, b2, eps, eps_root: as in :func:`~bayesopt_jax.scale_by_adam`.
+      b1: as in :func:`~bayesopt_jax.scale_by_adam`.
+      b2: as in :func:`~bayesopt_jax.scale_by_adam`.
+      eps: as in :func:`~bayesopt_jax.scale_by_adam`.
+      eps_root: as in :func:`~bayesopt_jax.scale_by_adam`.
       max_of: ``"raw"`` or ``"corrected"``.
       bias_correction: divide the moments by :math:`1-b^t`.
-      mu_dtype, nu_dtype: state dtypes.
+      mu_dtype: state dtypes.
+      nu_dtype: state dtypes.
 
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> import bayesopt_jax as bj
       >>> tx = bj.amsgrad(0.1)
@@ -196,12 +209,14 @@ def adamax(
 
     Args:
       learning_rate: step size (number or schedule), >= 0.
-      b1, b2, eps: as in :func:`~bayesopt_jax.scale_by_adamax`.
+      b1: as in :func:`~bayesopt_jax.scale_by_adamax`.
+      b2: as in :func:`~bayesopt_jax.scale_by_adamax`.
+      eps: as in :func:`~bayesopt_jax.scale_by_adamax`.
 
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> import bayesopt_jax as bj
       >>> tx = bj.adamax(0.5, eps=0.0)
@@ -234,7 +249,7 @@ def adagrad(
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> import bayesopt_jax as bj
       >>> tx = bj.adagrad(1.0, eps=0.0)
@@ -281,7 +296,7 @@ def rmsprop(
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> import bayesopt_jax as bj
       >>> tx = bj.rmsprop(0.1, decay=0.0, eps=0.0, momentum=0.5)
@@ -331,13 +346,19 @@ def sigma_filter(
 
     Args:
       eta: :math:`\eta \ge 0` or a schedule.
-      beta, b1, sigma_init, bias_correction, eps, sigma_max, max_ratio: as in
+      beta: as in
+      b1: as in
+      sigma_init: as in
+      bias_correction: as in
+      eps: as in
+      sigma_max: as in
+      max_ratio: as in
         :func:`~bayesopt_jax.scale_by_sigma_filter`.
 
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, optax
       >>> import bayesopt_jax as bj
       >>> params = jnp.array([1.0, -2.0])
@@ -381,13 +402,16 @@ def sigma_fixed_point(
 
     Args:
       eta: :math:`\eta \ge 0` or a schedule.
-      beta, b1, bias_correction, eps: as in
+      beta: as in
+      b1: as in
+      bias_correction: as in
+      eps: as in
         :func:`~bayesopt_jax.scale_by_sigma_fixed_point`.
 
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> import bayesopt_jax as bj
       >>> tx = bj.sigma_fixed_point(1e-3, beta=0.0)

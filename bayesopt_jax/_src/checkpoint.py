@@ -37,7 +37,7 @@ def save_npz(path: str | os.PathLike, tree: PyTree) -> None:
       path: the file to write (NumPy appends ``.npz`` if it is missing).
       tree: a pytree of arrays (``None`` and empty subtrees are fine).
 
-    Example:
+    Examples:
       >>> import tempfile, os, jax.numpy as jnp
       >>> import bayesopt_jax as bj
       >>> tx = bj.adam(1e-3)

@@ -36,7 +36,7 @@ def add_decoupled_weight_decay(
     Returns:
       An ``optax.GradientTransformation``; it needs ``params`` in ``update``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from bayesopt_jax import add_decoupled_weight_decay
       >>> params = {"w": jnp.ones(2), "b": jnp.ones(1)}

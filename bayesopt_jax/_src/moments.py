@@ -240,7 +240,7 @@ def bias_correction(decay: Any) -> optax.GradientTransformation:
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax
       >>> from bayesopt_jax import bias_correction
       >>> tx = optax.chain(optax.ema(0.9, debias=False), bias_correction(0.9))
@@ -302,7 +302,7 @@ def amsgrad_max() -> optax.GradientTransformation:
       An ``optax.GradientTransformation``; its state is
       :class:`AmsgradMaxState`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from bayesopt_jax import amsgrad_max
       >>> tx = amsgrad_max()

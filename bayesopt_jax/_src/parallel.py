@@ -25,7 +25,7 @@ def cross_replica_mean(axis_name: Hashable | tuple[Hashable, ...]) -> optax.Grad
       A stateless ``optax.GradientTransformation``; it must run inside a
       ``jax.pmap`` or ``jax.shard_map`` that binds ``axis_name``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, optax
       >>> from bayesopt_jax import cross_replica_mean
       >>> tx = cross_replica_mean("i")
@@ -92,7 +92,7 @@ def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
     Returns:
       A pytree of ``jax.sharding.Sharding`` with the structure of the state.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from jax.sharding import NamedSharding, PartitionSpec as P
       >>> import bayesopt_jax as bj

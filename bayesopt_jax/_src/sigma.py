@@ -44,7 +44,7 @@ def sigma_star(evidence: Array, eta: Array | float) -> Array:
     Returns:
       :math:`\sigma^*`, elementwise, in ``evidence``'s dtype.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from bayesopt_jax import sigma_star
       >>> s = jnp.array([1e-4])
@@ -67,7 +67,7 @@ def sigma_star_full(G: Array, eta: Array | float) -> Array:
     an ill-conditioned ``G`` gives a large but finite variance along its
     null directions rather than NaN.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from bayesopt_jax import sigma_star, sigma_star_full
       >>> S = sigma_star_full(jnp.diag(jnp.array([1.0, 4.0])), 0.1)
@@ -231,7 +231,7 @@ def scale_by_sigma_filter(
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleBySigmaFilterState`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from bayesopt_jax import scale_by_sigma_filter, sigma_star
       >>> tx = scale_by_sigma_filter(eta=0.1, beta=0.0)
@@ -301,7 +301,7 @@ def scale_by_sigma_fixed_point(
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleBySigmaFilterState`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from bayesopt_jax import scale_by_sigma_fixed_point
       >>> tx = scale_by_sigma_fixed_point(eta=100.0, beta=0.0)  # SGD regime
@@ -377,7 +377,7 @@ def scale_by_sigma_filter_full(
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleBySigmaFilterFullState`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from bayesopt_jax import scale_by_sigma_filter_full
       >>> tx = scale_by_sigma_filter_full(eta=0.0, beta=0.0, sigma_init=1.0)
@@ -439,7 +439,7 @@ def posterior_variance(opt_state: PyTree) -> PyTree:
     ``apply_if_finite``, ``MultiSteps``, ``masked``, ...). Under ``masked``,
     masked-out leaves come back as ``optax.MaskedNode``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax
       >>> import bayesopt_jax as bj
       >>> tx = optax.apply_if_finite(bj.sigma_filter(1e-2), 3)
@@ -505,7 +505,7 @@ def sample_posterior(
     Returns:
       A pytree like ``params`` (with a leading sample axis if ``num_samples``).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> import bayesopt_jax as bj
       >>> tx = bj.sigma_filter(0.1)
@@ -570,7 +570,7 @@ def laplace_scale(
     Returns:
       A pytree like the parameters, to pass as ``scale=`` to :func:`sample_posterior`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> import bayesopt_jax as bj
       >>> tx = bj.sigma_filter(0.1, beta=0.0)
@@ -639,7 +639,8 @@ def calibrate_posterior_scale(
 
     Args:
       key: PRNG key (the same draws are reused for every candidate).
-      params, opt_state: as in :func:`sample_posterior`.
+      params: as in :func:`sample_posterior`.
+      opt_state: as in :func:`sample_posterior`.
       log_likelihood: maps parameters to per-example log-likelihoods on the
         held-out set (shape ``[n]``).
       scales: candidate multipliers (positive numbers).

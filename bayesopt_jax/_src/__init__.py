@@ -1,0 +1,1 @@
+"""Implementation modules; the public surface is ``bayesopt_jax``."""

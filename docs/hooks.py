@@ -6,7 +6,8 @@
 * ``on_page_content``: formulas marked by ``pymdownx.arithmatex`` (generic
   mode) and the ``.. math::`` blocks / ``:math:`` roles of docstrings are
   converted to MathML at build time with ``latex2mathml``, so the pages
-  render math without any script or network request.
+  render math without any script or network request; ``:func:`` references
+  of docstrings become links within the API page.
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ _INLINE = re.compile(r'<span class="arithmatex">\s*\\\((.*?)\\\)\s*</span>', re.
 # mkdocstrings as a paragraph, and the :math:`...` role.
 _RST_BLOCK = re.compile(r"<p>\.\. math::\s*(.*?)</p>", re.S)
 _RST_ROLE = re.compile(r":math:<code>(.*?)</code>", re.S)
+# :func:`~bayesopt_jax.name` and friends: a link when the name is public.
+_RST_REF = re.compile(r":(?:func|class|meth|attr):<code>~?([\w.]+)</code>")
+
+
+def _reference(match: re.Match) -> str:
+    import bayesopt_jax
+
+    name = match.group(1).rsplit(".", 1)[-1]
+    if name in bayesopt_jax.__all__:
+        return f'<a href="#bayesopt_jax.{name}"><code>{name}</code></a>'
+    return f"<code>{name}</code>"
 
 
 def on_page_content(content, **kwargs):
@@ -54,4 +66,5 @@ def on_page_content(content, **kwargs):
     content = _INLINE.sub(lambda m: _mathml(m.group(1), False), content)
     content = _RST_BLOCK.sub(lambda m: _mathml(m.group(1), True), content)
     content = _RST_ROLE.sub(lambda m: _mathml(m.group(1), False), content)
+    content = _RST_REF.sub(_reference, content)
     return content

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import abstract_of, mesh_4x2
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from registry import OPTIMIZERS, make
@@ -53,10 +54,6 @@ def _assert_bit_identical(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def _abstract(tree):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
-
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("name", NAMES)
 def test_npz_resume_is_bit_identical(tmp_path, name, dtype):
@@ -85,12 +82,8 @@ def test_npz_names_what_differs(tmp_path):
         assert all(data[k].dtype != object for k in data.files)
 
 
-def _mesh():
-    return jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
-
-
 def _sharded_params():
-    mesh = _mesh()
+    mesh = mesh_4x2()
     specs = {"w": P("data", "model"), "b": P("model"), "s": P()}
     return {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in _params().items()}
 
@@ -104,7 +97,7 @@ def test_sharded_npz_resume_restores_shardings(tmp_path, name):
     p, s = run(params, jax.jit(tx.init)(params), 3)
     bj.save_npz(tmp_path / "p.npz", p)
     bj.save_npz(tmp_path / "s.npz", s)
-    abstract = _abstract(params)
+    abstract = abstract_of(params)
     shardings = bj.state_shardings(tx, abstract)
     target = jax.tree.map(
         lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
@@ -136,7 +129,7 @@ def test_orbax_resume_is_bit_identical(tmp_path, name):
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(tmp_path / "ckpt", {"params": p, "opt_state": s})
         ckpt.wait_until_finished()
-        abstract = _abstract(params)
+        abstract = abstract_of(params)
         target = {
             "params": abstract,
             "opt_state": jax.tree.map(

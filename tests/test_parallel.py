@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import abstract_of, mesh_4x2
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from registry import OPTIMIZERS, make
@@ -136,10 +137,6 @@ def test_sharded_jit_data_parallel_equals_one_device(x64, rng, name):
         assert leaf.sharding.is_fully_replicated
 
 
-def _mesh_2d():
-    return jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
-
-
 def _sharded_params(mesh):
     specs = {"w": P("data", "model"), "b": P("model"), "s": P(), "v": P(None, "data")}
     values = {
@@ -167,12 +164,10 @@ def _assert_shardings(state, expected, *, eager=False):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_state_follows_parameter_sharding(name):
-    mesh = _mesh_2d()
+    mesh = mesh_4x2()
     params = _sharded_params(mesh)
     tx = make(name)
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params
-    )
+    abstract = abstract_of(params)
     expected = bj.state_shardings(tx, abstract)
     # Every parameter-shaped state leaf takes the sharding of its parameter.
     _assert_shardings(tx.init(params), expected, eager=True)
@@ -193,7 +188,7 @@ def test_state_follows_parameter_sharding(name):
 
 def test_full_matrix_state_is_replicated_on_request():
     """The full-matrix filter's matrices mirror no parameter: replicated over the mesh."""
-    mesh = _mesh_2d()
+    mesh = mesh_4x2()
     params = _sharded_params(mesh)
     tx = bj.scale_by_sigma_filter_full(1e-2)
     expected = bj.state_shardings(tx, params)
@@ -222,13 +217,11 @@ def test_zero_style_state_sharded_over_data_axis(x64, rng, name):
     tx = make(name)
     want, want_state = _single_device(tx, params, xs, ys)
 
-    mesh = _mesh_2d()
+    mesh = mesh_4x2()
     param_specs = {"w": P(None, "model"), "b": P("model"), "s": P()}
     p_shard = {k: NamedSharding(mesh, v) for k, v in param_specs.items()}
     p = {k: jax.device_put(v, p_shard[k]) for k, v in params.items()}
-    abstract_p = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), p
-    )
+    abstract_p = abstract_of(p)
     abstract_s = jax.eval_shape(tx.init, abstract_p)
 
     def zero(sharding, leaf):
@@ -263,7 +256,7 @@ def test_zero_style_state_sharded_over_data_axis(x64, rng, name):
 
 
 def test_posterior_samples_do_not_depend_on_sharding():
-    mesh = _mesh_2d()
+    mesh = mesh_4x2()
     params = _sharded_params(mesh)
     tx = bj.sigma_filter(1e-2, b1=0.9)
     state = tx.init(params)

@@ -346,14 +346,14 @@ def sigma_filter(
 
     Args:
       eta: :math:`\eta \ge 0` or a schedule.
-      beta: as in
-      b1: as in
-      sigma_init: as in
-      bias_correction: as in
-      eps: as in
-      sigma_max: as in
-      max_ratio: as in
-        :func:`~bayesopt_jax.scale_by_sigma_filter`.
+      beta: decay of the evidence EMA, in [0, 1).
+      b1: decay of the gradient EMA used as direction (0: the raw gradient).
+      sigma_init: initial σ (``None``: start at the fixed point σ*(ŝ_1)).
+      bias_correction: debias the evidence and the direction.
+      eps: evidence floor, > 0.
+      sigma_max: optional absolute cap on σ.
+      max_ratio: cap σ ≤ κ·σ*(ŝ) (default 2); ``None`` turns it off.
+        Details of all of these: :func:`~bayesopt_jax.scale_by_sigma_filter`.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -402,11 +402,11 @@ def sigma_fixed_point(
 
     Args:
       eta: :math:`\eta \ge 0` or a schedule.
-      beta: as in
-      b1: as in
-      bias_correction: as in
-      eps: as in
-        :func:`~bayesopt_jax.scale_by_sigma_fixed_point`.
+      beta: decay of the evidence EMA, in [0, 1).
+      b1: decay of the gradient EMA used as direction (0: the raw gradient).
+      bias_correction: debias the evidence and the direction.
+      eps: evidence floor, > 0.
+        Details: :func:`~bayesopt_jax.scale_by_sigma_fixed_point`.
 
     Returns:
       An ``optax.GradientTransformation``.

@@ -23,6 +23,7 @@ from bayesopt_jax._src.alias import (
 )
 from bayesopt_jax._src.checkpoint import load_npz, save_npz
 from bayesopt_jax._src.decay import add_decoupled_weight_decay
+from bayesopt_jax._src.fused import fused_step, native_available
 from bayesopt_jax._src.moments import (
     AmsgradMaxState,
     BiasCorrectionState,
@@ -65,8 +66,10 @@ __all__ = [
     "bias_correction",
     "calibrate_posterior_scale",
     "cross_replica_mean",
+    "fused_step",
     "laplace_scale",
     "load_npz",
+    "native_available",
     "posterior_variance",
     "rmsprop",
     "sample_posterior",

@@ -23,6 +23,7 @@ and the fused PyTorch Adam measured moments before, on the same tree.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -36,6 +37,7 @@ import numpy as np
 import optax
 
 import bayesopt_jax as bj
+from bayesopt_jax._src import native  # only to time the pure-JAX path alongside
 
 # --------------------------------------------------------------------------
 # parameter trees
@@ -98,34 +100,48 @@ def materialize(shapes: dict, seed: int = 0):
 # --------------------------------------------------------------------------
 
 # Two-call Optax API, perfect fusion: read g + state, write u + state, then
-# read p, u and write p. In-place (PyTorch): read p, g, state; write p, state.
-OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation], int, int]] = {
-    # name: (factory, state bytes / param, ideal bytes / param, two-call API)
-    "optax.adam": (lambda: optax.adam(1e-3), 8, 36),
-    "bj.adam": (lambda: bj.adam(1e-3), 8, 36),
+# read p, u and write p. In-place (PyTorch, bj.fused_step): read p, g, state;
+# write p, state.
+OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation], int, int, str]] = {
+    # name: (factory, state bytes / param, ideal bytes / param, how the step runs)
+    "optax.adam": (lambda: optax.adam(1e-3), 8, 36, "two-call"),
+    "bj.adam": (lambda: bj.adam(1e-3), 8, 36, "two-call"),
+    "bj.adam fused_step": (lambda: bj.adam(1e-3), 8, 28, "fused"),
+    "bj.adam pure JAX": (lambda: bj.adam(1e-3), 8, 36, "pure"),
+    "bj.adamw fused_step": (lambda: bj.adamw(1e-3, weight_decay=1e-2), 8, 28, "fused"),
     "bj.adam bf16 state": (
         lambda: bj.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
         4,
         28,
+        "two-call",
     ),
-    "optax.flatten(bj.adam)": (lambda: optax.flatten(bj.adam(1e-3)), 8, 36),
-    "bj.amsgrad": (lambda: bj.amsgrad(1e-3), 12, 44),
-    "bj.sigma_filter": (lambda: bj.sigma_filter(1e-3), 8, 36),
-    "bj.sigma_filter b1=0.9": (lambda: bj.sigma_filter(1e-3, b1=0.9), 12, 44),
+    "optax.flatten(bj.adam)": (lambda: optax.flatten(bj.adam(1e-3)), 8, 36, "two-call"),
+    "bj.amsgrad": (lambda: bj.amsgrad(1e-3), 12, 44, "two-call"),
+    "bj.sigma_filter": (lambda: bj.sigma_filter(1e-3), 8, 36, "two-call"),
+    "bj.sigma_filter b1=0.9": (lambda: bj.sigma_filter(1e-3, b1=0.9), 12, 44, "two-call"),
 }
 
 
-def time_jax(make_tx, params, grads, repeats: int, warmup: int = 3):
+def time_jax(make_tx, params, grads, repeats: int, warmup: int = 3, how: str = "two-call"):
+    """Median step time and compile time of one jitted, donated optimizer step.
+
+    ``how``: ``"two-call"`` (``update`` + ``apply_updates``), ``"fused"``
+    (:func:`bayesopt_jax.fused_step`) or ``"pure"`` (two-call with the native
+    kernels switched off while tracing).
+    """
     tx = make_tx()
 
     def step(p, s, g):
+        if how == "fused":
+            return bj.fused_step(tx, g, s, p)
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s
 
     params = jax.tree.map(jnp.copy, params)
     state = jax.jit(tx.init)(params)
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+    with native.pure_jax() if how == "pure" else contextlib.nullcontext():
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(warmup):
         params, state = compiled(params, state, grads)
@@ -176,7 +192,7 @@ def roofline(n: int, repeats: int) -> float:
 
 def sweep(repeats: int, have_torch: bool, out: Path) -> dict:
     """Step time against parameter count (one array) and against array count (2,048 each)."""
-    names = ["optax.adam", "bj.adam"]
+    names = ["optax.adam", "bj.adam", "bj.adam fused_step", "bj.adam pure JAX"]
     res = {"by_size": {}, "by_arrays": {}}
     cases = [("by_size", n, {"w": (n,)}) for n in (2**18, 2**20, 2**22, 2**24)]
     cases += [
@@ -184,7 +200,10 @@ def sweep(repeats: int, have_torch: bool, out: Path) -> dict:
     ]
     for kind, x, shapes in cases:
         params, grads = materialize(shapes)
-        row = {n: time_jax(OPTIMIZERS[n][0], params, grads, repeats)[0] for n in names}
+        row = {
+            n: time_jax(OPTIMIZERS[n][0], params, grads, repeats, how=OPTIMIZERS[n][3])[0]
+            for n in names
+        }
         if have_torch:
             row["torch Adam fused"] = time_torch(shapes, repeats, "fused")
         res[kind][x] = row
@@ -248,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
             "jax": jax.__version__,
             "optax": optax.__version__,
             "torch": torch_version,
+            "native_kernels": bj.native_available(),
         },
         "trees": {},
     }
@@ -275,8 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "ideal_B": 28,
                 }
         for name in args.optimizers:
-            make_tx, state_b, ideal_b = OPTIMIZERS[name]
-            t, c = time_jax(make_tx, params, grads, args.repeats)
+            make_tx, state_b, ideal_b, how = OPTIMIZERS[name]
+            t, c = time_jax(make_tx, params, grads, args.repeats, how=how)
             rows[name] = {"step_s": t, "compile_s": c, "state_B": state_b, "ideal_B": ideal_b}
         ref_optax = rows.get("optax.adam", {}).get("step_s")
         ref_optax_c = rows.get("optax.adam", {}).get("compile_s")

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bayesopt_jax._src import moments, validation
+from bayesopt_jax._src import moments, native, validation
 
 Array = jax.Array
 PyTree = Any
@@ -57,6 +57,33 @@ def _first_moment(g, m, b1, bc1, count, *, nesterov: bool):
     else:
         m_hat = m_new / bc1
     return m_new, m_hat
+
+
+def _native_moments(config, leaf, count, gs, ms, vs) -> list[tuple]:
+    """Adam's ``(u, m, v)`` for float32 leaves, by one native call on CPU.
+
+    Off the CPU, and for differentiation (``custom_jvp``), ``leaf`` (the
+    pure-JAX path) gives the same values, to within a few roundings (see
+    :func:`~bayesopt_jax.fused_step` for the bound).
+    """
+
+    def pure(count, gs, ms, vs):
+        debias = moments.Debias(count)
+        return [leaf(g, m, v, count, debias) for g, m, v in zip(gs, ms, vs, strict=True)]
+
+    @jax.custom_jvp
+    def kernel(count, gs, ms, vs):
+        sc = native.scalars(config, count)
+        ms, vs = native.adam_moments(sc, gs, ms, vs)
+        # What XLA makes of m_hat / (sqrt(v_hat) + eps) with scalar denominators.
+        us = [
+            (m * sc[native.INV_BC1]) / (jnp.sqrt(v * sc[native.INV_BC2]) + sc[native.EPS])
+            for m, v in zip(ms, vs, strict=True)
+        ]
+        return list(zip(us, ms, vs, strict=True))
+
+    kernel.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
+    return native.on_cpu(kernel, pure, count, gs, ms, vs)
 
 
 class ScaleByAdamState(NamedTuple):
@@ -133,27 +160,40 @@ def scale_by_adam(
         mu, nu = _init_moments(params, mu_dtype, nu_dtype)
         return ScaleByAdamState(count=moments.zero_count(), mu=mu, nu=nu)
 
+    config = native.adam_config(
+        b1, b2, eps, eps_root, nesterov=nesterov, bias_correction=bias_correction
+    )
+
+    def leaf(g, m, v, count, debias):
+        c = moments.compute_dtype(g.dtype)
+        gc = moments.to_compute(g)
+        bc1 = debias(b1, c) if bias_correction else None
+        m_new, m_hat = _first_moment(gc, m, b1, bc1, count, nesterov=nesterov)
+        v_new = moments.ema(moments.abs_sq(gc), v.astype(moments.real_dtype(c)), b2)
+        v_hat = v_new / debias(b2, c) if bias_correction else v_new
+        u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
+        return (
+            moments.store(u, g.dtype),
+            moments.store(m_new, m.dtype),
+            moments.store(v_new, v.dtype),
+        )
+
     def update_fn(updates, state, params=None):
         del params
         moments.check_tree_match("scale_by_adam", updates, state.mu, "mu")
         count = optax.safe_increment(state.count)
+        gs, treedef = jax.tree.flatten(updates)
+        ms, vs = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+        leaves = list(zip(gs, ms, vs, strict=True))
+        native_ok = config is not None and native.use_native()
+        fast = [i for i, gmv in enumerate(leaves) if native_ok and native.is_native_leaf(*gmv)]
         debias = moments.Debias(count)
-
-        def leaf(g, m, v):
-            c = moments.compute_dtype(g.dtype)
-            gc = moments.to_compute(g)
-            bc1 = debias(b1, c) if bias_correction else None
-            m_new, m_hat = _first_moment(gc, m, b1, bc1, count, nesterov=nesterov)
-            v_new = moments.ema(moments.abs_sq(gc), v.astype(moments.real_dtype(c)), b2)
-            v_hat = v_new / debias(b2, c) if bias_correction else v_new
-            u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
-            return (
-                moments.store(u, g.dtype),
-                moments.store(m_new, m.dtype),
-                moments.store(v_new, v.dtype),
-            )
-
-        u, mu, nu = moments.tree_map_multi(leaf, 3, updates, state.mu, state.nu)
+        outs = [None if i in fast else leaf(*gmv, count, debias) for i, gmv in enumerate(leaves)]
+        if fast:
+            picked = ([leaves[i][j] for i in fast] for j in range(3))
+            for i, out in zip(fast, _native_moments(config, leaf, count, *picked), strict=True):
+                outs[i] = out
+        u, mu, nu = (treedef.unflatten([out[j] for out in outs]) for j in range(3))
         return u, ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -13,7 +13,7 @@ import jax
 import optax
 
 from bayesopt_jax._src import adam as adam_lib
-from bayesopt_jax._src import decay, moments, validation
+from bayesopt_jax._src import decay, fused, moments, native, validation
 from bayesopt_jax._src import sigma as sigma_lib
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
@@ -72,12 +72,15 @@ def adam(
       Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015.
       https://arxiv.org/abs/1412.6980
     """
-    return optax.chain(
+    lr = _lr(learning_rate, "adam")
+    tx = optax.chain(
         adam_lib.scale_by_adam(
             b1, b2, eps, eps_root, nesterov=nesterov, mu_dtype=mu_dtype, nu_dtype=nu_dtype
         ),
-        _lr(learning_rate, "adam"),
+        lr,
     )
+    config = native.adam_config(b1, b2, eps, eps_root, nesterov=nesterov, bias_correction=True)
+    return fused.register(tx, fused.AdamStepSpec(config, None, None, lr))
 
 
 def adamw(
@@ -128,13 +131,19 @@ def adamw(
       Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
       https://arxiv.org/abs/1711.05101
     """
-    return optax.chain(
+    lr = _lr(learning_rate, "adamw")
+    tx = optax.chain(
         adam_lib.scale_by_adam(
             b1, b2, eps, eps_root, nesterov=nesterov, mu_dtype=mu_dtype, nu_dtype=nu_dtype
         ),
         decay.add_decoupled_weight_decay(weight_decay, mask),
-        _lr(learning_rate, "adamw"),
+        lr,
     )
+    config = native.adam_config(b1, b2, eps, eps_root, nesterov=nesterov, bias_correction=True)
+    if not isinstance(weight_decay, int | float):
+        config = None  # a traced decay takes the two-call path
+    wd = float(weight_decay) if config is not None else None
+    return fused.register(tx, fused.AdamStepSpec(config, wd, mask, lr))
 
 
 def amsgrad(

@@ -49,6 +49,11 @@ def abs_sq(x: Array) -> Array:
 # --------------------------------------------------------------------------
 
 
+def clip_limit(dtype: Any) -> float:
+    """The largest gradient magnitude :func:`to_compute` lets through: ``sqrt(max)/2``."""
+    return math.sqrt(float(jnp.finfo(real_dtype(dtype)).max)) / 2
+
+
 def to_compute(g: Array) -> Array:
     """``g`` in its compute dtype, finite magnitudes clipped below ``sqrt(max)/2``.
 
@@ -61,7 +66,7 @@ def to_compute(g: Array) -> Array:
     """
     c = compute_dtype(g.dtype)
     gc = jnp.asarray(g).astype(c)
-    limit = math.sqrt(float(jnp.finfo(real_dtype(c)).max)) / 2
+    limit = clip_limit(c)
     if jnp.issubdtype(c, jnp.complexfloating):
         limit /= math.sqrt(2.0)
         clip = jax.lax.complex(jnp.clip(gc.real, -limit, limit), jnp.clip(gc.imag, -limit, limit))

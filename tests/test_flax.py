@@ -131,3 +131,45 @@ def test_sigma_filter_posterior_from_an_nnx_optimizer():
     draws = bj.sample_posterior(jax.random.key(0), params, opt_state, 3, scale=1e-3)
     for d, p in zip(jax.tree.leaves(draws), jax.tree.leaves(params), strict=True):
         assert d.shape == (3, *p.shape)
+
+
+def test_fused_optimizer_follows_nnx_optimizer():
+    from bayesopt_jax._src import native
+    from bayesopt_jax.nnx import FusedOptimizer
+
+    x, y = _data()
+
+    def train(optimizer_cls, tx, steps=40):
+        model = MLP(nnx.Rngs(0))
+        optimizer = optimizer_cls(model, tx, wrt=nnx.Param)
+        graphdef, state = nnx.split((model, optimizer))
+
+        def step(state):
+            model, optimizer = nnx.merge(graphdef, state)
+            loss, grads = nnx.value_and_grad(_nnx_loss)(model, x, y)
+            optimizer.update(model, grads)
+            return nnx.state((model, optimizer)), loss
+
+        jitted = jax.jit(step)
+        text = jitted.lower(state).as_text()
+        losses = []
+        for _ in range(steps):
+            state, loss = jitted(state)
+            losses.append(float(loss))
+        model, optimizer = nnx.merge(graphdef, state)
+        return losses, nnx.state(model, nnx.Param), int(optimizer.step[...]), text
+
+    cases = [
+        (lambda: bj.adamw(1e-2, weight_decay=1e-2), bj.native_available()),  # one native call
+        (lambda: bj.amsgrad(1e-2), False),  # update + apply_updates
+    ]
+    for tx_factory, expect_kernel in cases:
+        fused = train(FusedOptimizer, tx_factory())
+        plain = train(nnx.Optimizer, tx_factory())
+        assert fused[2] == plain[2] == 40
+        assert fused[0][-1] < 0.7 * fused[0][0]
+        np.testing.assert_allclose(fused[0], plain[0], rtol=1e-4)
+        for a, b in zip(jax.tree.leaves(fused[1]), jax.tree.leaves(plain[1]), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        assert (native.STEP_TARGET in fused[3]) == expect_kernel
+        assert native.STEP_TARGET not in plain[3]

@@ -26,6 +26,7 @@ class BuildNative(build_ext):
             return
         build = runpy.run_path(str(NATIVE / "build.py"))
         target = Path(self.get_ext_fullpath(ext.name))
+        target.unlink(missing_ok=True)  # never ship a stale library from an earlier build
         try:
             build["build"](target)
         except Exception as err:  # any failure leaves the pure-JAX path

@@ -187,8 +187,11 @@ def scale_by_adam(
         leaves = list(zip(gs, ms, vs, strict=True))
         native_ok = config is not None and native.use_native()
         fast = [i for i, gmv in enumerate(leaves) if native_ok and native.is_native_leaf(*gmv)]
+        native_set = set(fast)
         debias = moments.Debias(count)
-        outs = [None if i in fast else leaf(*gmv, count, debias) for i, gmv in enumerate(leaves)]
+        outs = [
+            None if i in native_set else leaf(*gmv, count, debias) for i, gmv in enumerate(leaves)
+        ]
         if fast:
             picked = ([leaves[i][j] for i in fast] for j in range(3))
             for i, out in zip(fast, _native_moments(config, leaf, count, *picked), strict=True):

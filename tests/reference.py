@@ -3,11 +3,16 @@
 Each function takes a list of gradient arrays (one per step) and returns the
 list of updates (before the learning rate). They are deliberately naive loops
 with no shared code with the package, so they serve as an independent check.
+
+They also run on :class:`bounds.Tracked` gradients, which carry a bound on
+the rounding error of each result along (``b**t`` is written
+``power(b, t, g)`` for that).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from bounds import Tracked, power
 
 
 def _sq(g):
@@ -23,10 +28,10 @@ def adam(grads, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, bias_correction=True, 
         v = b2 * v + (1 - b2) * _sq(g)
         if bias_correction:
             if nesterov:
-                m_hat = b1 * m / (1 - b1 ** (t + 1)) + (1 - b1) * g / (1 - b1**t)
+                m_hat = b1 * m / (1 - power(b1, t + 1, g)) + (1 - b1) * g / (1 - power(b1, t, g))
             else:
-                m_hat = m / (1 - b1**t)
-            v_hat = v / (1 - b2**t)
+                m_hat = m / (1 - power(b1, t, g))
+            v_hat = v / (1 - power(b2, t, g))
         else:
             m_hat = b1 * m + (1 - b1) * g if nesterov else m
             v_hat = v
@@ -46,12 +51,12 @@ def amsgrad(grads, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, max_of="raw", bias_
             vmax = np.maximum(vmax, v)
             out.append(m / (np.sqrt(vmax + eps_root) + eps))
             continue
-        m_hat = m / (1 - b1**t)
+        m_hat = m / (1 - power(b1, t, g))
         if max_of == "raw":
             vmax = np.maximum(vmax, v)
-            denom = np.sqrt(vmax / (1 - b2**t) + eps_root) + eps
+            denom = np.sqrt(vmax / (1 - power(b2, t, g)) + eps_root) + eps
         else:
-            vmax = np.maximum(vmax, v / (1 - b2**t))
+            vmax = np.maximum(vmax, v / (1 - power(b2, t, g)))
             denom = np.sqrt(vmax + eps_root) + eps
         out.append(m_hat / denom)
     return out
@@ -64,7 +69,7 @@ def adamax(grads, b1=0.9, b2=0.999, eps=1e-8):
     for t, g in enumerate(grads, start=1):
         m = b1 * m + (1 - b1) * g
         u = np.maximum(b2 * u, np.abs(g) + eps)
-        out.append(m / (1 - b1**t) / u)
+        out.append(m / (1 - power(b1, t, g)) / u)
     return out
 
 
@@ -75,7 +80,7 @@ def rms(grads, decay=0.9, eps=1e-8, eps_in_sqrt=False, bias_correction=False, ce
     for t, g in enumerate(grads, start=1):
         v = decay * v + (1 - decay) * g * g
         m = decay * m + (1 - decay) * g
-        c = 1 - decay**t if bias_correction else 1.0
+        c = 1 - power(decay, t, g) if bias_correction else 1.0
         s = v / c
         if centered:
             s = np.maximum(s - (m / c) ** 2, 0.0)  # documented clip at 0
@@ -85,10 +90,10 @@ def rms(grads, decay=0.9, eps=1e-8, eps_in_sqrt=False, bias_correction=False, ce
 
 
 def rss(grads, initial_accumulator_value=0.0, eps=1e-10):
-    a = np.full_like(grads[0], initial_accumulator_value)
+    a = np.full_like(np.real(grads[0]), initial_accumulator_value)
     out = []
     for g in grads:
-        a = a + g * g
+        a = a + _sq(g)
         out.append(g / (np.sqrt(a) + eps))
     return out
 
@@ -103,7 +108,7 @@ def sigma_filter(
     ups, sigs = [], []
     for t, g in enumerate(grads, start=1):
         s = beta * s + (1 - beta) * g * g
-        s_hat = (s / (1 - beta**t) if bias_correction else s) + eps
+        s_hat = (s / (1 - power(beta, t, g)) if bias_correction else s) + eps
         star = eta**2 / 2 + eta * np.sqrt(eta**2 / 4 + 1 / s_hat)
         if sig is None:
             sig = star
@@ -113,7 +118,7 @@ def sigma_filter(
             sig = np.minimum(sig, max_ratio * star)
         if b1 > 0:
             m = b1 * m + (1 - b1) * g
-            d = m / (1 - b1**t) if bias_correction else m
+            d = m / (1 - power(b1, t, g)) if bias_correction else m
         else:
             d = g
         ups.append(sig * d)
@@ -121,15 +126,55 @@ def sigma_filter(
     return ups, sigs
 
 
-def sigma_filter_full(grads, eta, beta, sigma_init):
-    """The full-matrix σ-filter with explicit inverses (float64)."""
+def _norm(A):
+    return np.linalg.norm(A, 2) if np.ndim(A) == 2 else np.linalg.norm(A)
+
+
+def inverse_rounding(A, unit):
+    """Normwise bound on the rounding error of a backward-stable inverse or solve with A.
+
+    ``‖fl(A⁻¹) - A⁻¹‖₂ ≤ 3d·u·κ(A)·‖A⁻¹‖₂`` (Higham 2002, §14.1), where the
+    constant covers LU, Cholesky and triangular-solve formulations.
+    """
+    d = A.shape[0]
+    return 3 * d * unit * np.linalg.cond(A) * _norm(np.linalg.inv(A))
+
+
+def sigma_filter_full(grads, eta, beta, sigma_init, unit=None):
+    """The full-matrix σ-filter with explicit inverses (float64).
+
+    With ``unit`` (the implementation's unit roundoff), also returns the
+    updates and final Σ as :class:`bounds.Tracked` with a normwise
+    first-order bound (every entry of an error is at most its 2-norm): per
+    step, the rounding of one step at the reference state,
+    ``3d·u·(κ(Σ) + κ(Ĝ + Σ⁻¹))·‖Σ'‖``, plus the errors of Σ and Ĝ carried
+    through the step's derivatives ``X ↦ AXAᵀ`` with ``A = (I + ΣĜ)⁻¹`` and
+    ``E ↦ -Σ'ᵀEΣ'``.
+    """
     d = grads[0].size
     G = np.zeros((d, d))
     S = np.eye(d) * sigma_init
     ups = []
+    e_G = e_S = 0.0
+    tracked = []
     for t, g in enumerate(grads, start=1):
+        G_old = G
         G = beta * G + (1 - beta) * np.outer(g, g)
         G_hat = G / (1 - beta**t)
-        S = np.linalg.inv(G_hat + np.linalg.inv(S)) + eta**2 * np.eye(d)
+        A = G_hat + np.linalg.inv(S)
+        S_new = np.linalg.inv(A) + eta**2 * np.eye(d)
+        if unit is not None:
+            X = np.linalg.inv(A)
+            e_G = beta * e_G + 3 * unit * (beta * _norm(G_old) + (1 - beta) * _norm(g) ** 2)
+            e_G_hat = e_G / (1 - beta**t) + unit * (4 + abs(t * np.log(beta))) * _norm(G_hat)
+            amp = _norm(np.linalg.inv(np.eye(d) + S @ G_hat)) ** 2
+            local = 3 * d * unit * (np.linalg.cond(S) + np.linalg.cond(A)) * _norm(S_new)
+            e_S = amp * e_S + _norm(X) ** 2 * e_G_hat + local + unit * eta**2
+        S = S_new
         ups.append(S @ g)
+        if unit is not None:
+            e_u = e_S * _norm(g) + 2 * d * unit * _norm(S) * _norm(g)
+            tracked.append(Tracked(S @ g, e_u, unit))
+    if unit is not None:
+        return tracked, Tracked(S, e_S, unit)
     return ups, S

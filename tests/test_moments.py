@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from bounds import check, check_trajectory, power, rejects, track
 from conftest import grad_stream
 from helpers import run_updates
 
@@ -17,14 +18,26 @@ def test_bias_correction_after_raw_ema_is_debiased_ema(x64, rng, decay):
     grads = grad_stream(rng, steps=60)
     tx = optax.chain(optax.ema(decay, debias=False), bj.bias_correction(decay))
     got, _ = run_updates(tx, grads)
-    # Closed form: the debiased EMA is a normalised weighted average.
-    for t in range(1, len(grads) + 1):
+    # The recursion m_t = d·m + (1-d)·g divided by 1 - d^t, with its rounding bound ...
+    want = _debiased_ema(track(grads), decay)
+    check_trajectory(got, want)
+    assert rejects(got, _debiased_ema(track(grads), decay + 1e-9)) or decay == 0.0
+    # ... is the closed form: a normalised weighted average (to the same bound).
+    for t in (1, 10, len(grads)):
         w = np.array([(1 - decay) * decay ** (t - k) for k in range(1, t + 1)])
-        want = (w[:, None] * np.array(grads[:t])).sum(0) / w.sum()
-        np.testing.assert_allclose(got[t - 1], want, rtol=1e-12)
+        closed = (w[:, None] * np.array(grads[:t])).sum(0) / w.sum()
+        check(closed, want[t - 1], f"closed form, step {t}")
     # ... and equals Optax's built-in debiased EMA.
-    want, _ = run_updates(optax.ema(decay, debias=True), grads)
-    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-12)
+    theirs, _ = run_updates(optax.ema(decay, debias=True), grads)
+    check_trajectory(theirs, want, "optax.ema")
+
+
+def _debiased_ema(grads, decay):
+    m, out = np.zeros_like(grads[0]), []
+    for t, g in enumerate(grads, start=1):
+        m = decay * m + (1 - decay) * g
+        out.append(m / (1 - power(decay, t, g)))
+    return out
 
 
 def test_bias_correction_with_saturated_count_is_finite():
@@ -48,7 +61,14 @@ def test_amsgrad_from_pieces_matches_corrected_convention(x64, rng):
     pieces = optax.chain(optax.ema(0.99, debias=False), bj.bias_correction(0.99), bj.amsgrad_max())
     got, _ = run_updates(pieces, [g * g for g in grads])
     _, state = run_updates(bj.scale_by_amsgrad(b2=0.99, max_of="corrected"), grads)
-    np.testing.assert_allclose(got[-1], state.nu_max, rtol=1e-12)
+    # Both are max_t of the debiased EMA of g², within its rounding bound.
+    tracked = track(grads)
+    want = _debiased_ema([g * g for g in tracked], 0.99)
+    running = want[0]
+    for w in want[1:]:
+        running = np.maximum(running, w)
+    check(got[-1], running, "pieces")
+    check(state.nu_max, running, "scale_by_amsgrad")
 
 
 def test_zeros_like_is_finite_and_typed():

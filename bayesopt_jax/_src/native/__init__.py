@@ -3,9 +3,16 @@
 The shared library is compiled when the package is installed (``setup.py``
 runs :mod:`bayesopt_jax._src.native.build`); if that failed or was skipped,
 or ``BAYESOPT_JAX_NATIVE=0`` is set, :func:`available` is ``False`` and every
-transformation uses its pure-JAX path. On first use the library is also
-checked against the pure-JAX path on a small problem; a disagreement beyond
-a few roundings, or any error, turns it off with a warning.
+transformation uses its pure-JAX path. The library is built for the
+architecture's baseline and carries a copy of its loops per instruction set
+(x86-64: AVX-512, AVX2+FMA, baseline); the best copy the CPU runs is chosen
+when it loads, or the one named by ``BAYESOPT_JAX_NATIVE_ISA``. All copies
+give the same bits.
+
+On first use the library is checked against the pure-JAX path on a small
+problem, on this process's own CPU device only, so every process of a
+multi-process run reaches the same decision; a disagreement beyond the
+rounding bound, or any error, turns it off with a warning.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from bayesopt_jax._src import moments
 HERE = Path(__file__).resolve().parent
 MOMENTS_TARGET = "bayesopt_jax_adam_moments_f32"
 STEP_TARGET = "bayesopt_jax_adam_step_f32"
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # Slots of the float32 scalars operand (the Scalar enum of adam_kernels.cc).
 B1, C1, B2, C2, INV_BC1, INV_BC2, EPS, NEG_LR, WEIGHT_DECAY, CLIP = range(10)
@@ -47,6 +54,9 @@ def library_path() -> Path | None:
     """The compiled library next to this file, if there is one."""
     found = sorted(HERE.glob("_adam_kernels*.so")) + sorted(HERE.glob("_adam_kernels*.dylib"))
     return found[0] if found else None
+
+
+_LIBRARY: list[Any] = []
 
 
 @functools.cache
@@ -61,6 +71,14 @@ def _load() -> str | None:
         lib = ctypes.cdll.LoadLibrary(str(path))
         if lib.bj_native_abi_version() != ABI_VERSION:
             return f"{path.name} is from another version of bayesopt_jax; reinstall"
+        lib.bj_native_isa.restype = ctypes.c_char_p
+        lib.bj_native_isas.restype = ctypes.c_char_p
+        lib.bj_native_isas.argtypes = [ctypes.c_int]
+        lib.bj_native_select.argtypes = [ctypes.c_char_p]
+        _LIBRARY.append(lib)
+        want = os.environ.get("BAYESOPT_JAX_NATIVE_ISA", "auto")
+        if why := select_isa(want):
+            return why
         jax.ffi.register_ffi_target(
             MOMENTS_TARGET, jax.ffi.pycapsule(lib.BjAdamMomentsF32), platform="cpu"
         )
@@ -70,6 +88,40 @@ def _load() -> str | None:
     except (OSError, AttributeError, RuntimeError, ValueError) as err:
         return f"could not load {path.name}: {err}"
     return None
+
+
+def select_isa(name: str) -> str | None:
+    """Makes the kernels use the copy for instruction set ``name`` ("auto": the best).
+
+    Returns why not, or ``None``. Affects calls made from now on.
+    """
+    code = _LIBRARY[0].bj_native_select(name.encode())
+    if code == -1:
+        return f"BAYESOPT_JAX_NATIVE_ISA={name!r} is not one of {all_isas()} or 'auto'"
+    if code == -2:
+        return f"this CPU cannot run the {name!r} copy of the kernels (it runs {supported_isas()})"
+    return None
+
+
+def all_isas() -> list[str]:
+    """Every instruction-set copy the library was built with, best first."""
+    return _names(_LIBRARY[0].bj_native_isas(0)) if _LIBRARY else []
+
+
+def _names(raw: bytes) -> list[str]:
+    return raw.decode().split(",")
+
+
+def supported_isas() -> list[str]:
+    """The copies this CPU can run, best first (empty when the library is not loaded)."""
+    return _names(_LIBRARY[0].bj_native_isas(1)) if _LIBRARY else []
+
+
+def isa() -> str | None:
+    """The instruction-set copy in use, or ``None`` when the library is not loaded."""
+    if not _LIBRARY:
+        _load()
+    return _LIBRARY[0].bj_native_isa().decode() if _LIBRARY else None
 
 
 _SELF_TEST_RESULT: list[str | None] = []

@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -63,9 +64,11 @@ Coefficients ReadScalars(const float* s) {
                       s[kInvBc2], s[kEps],      s[kNegLr], s[kWeightDecay], s[kClip]};
 }
 
+#define BJ_ALWAYS_INLINE inline __attribute__((always_inline))
+
 // g where it is finite, clipped to [-clip, clip]; non-finite values pass
 // through. Branch-free so that the loops vectorize.
-inline float ClipFinite(float g, float clip) {
+BJ_ALWAYS_INLINE float ClipFinite(float g, float clip) {
   uint32_t bits;
   std::memcpy(&bits, &g, sizeof(bits));
   const bool finite = (bits & 0x7f800000u) != 0x7f800000u;
@@ -74,10 +77,14 @@ inline float ClipFinite(float g, float clip) {
   return finite ? clipped : g;
 }
 
-// The moments of one chunk: m and v in place, u into its own buffer.
+// The per-element math, stated once. Every instruction-set variant below
+// inlines these bodies; since each operation is a correctly rounded IEEE
+// operation (multiply, fused multiply-add, divide, square root), every
+// variant produces the same bits.
+
 // The moments of one chunk, in place.
-void MomentsChunk(const Coefficients& k, const float* __restrict g, float* __restrict m,
-                  float* __restrict v, int64_t n) {
+BJ_ALWAYS_INLINE void MomentsBody(const Coefficients& k, const float* __restrict g,
+                                  float* __restrict m, float* __restrict v, int64_t n) {
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     const float gc = ClipFinite(g[i], k.clip);
@@ -88,8 +95,9 @@ void MomentsChunk(const Coefficients& k, const float* __restrict g, float* __res
 
 // One whole step on a chunk: p, m and v in place.
 template <bool kDecay>
-void StepChunk(const Coefficients& k, float* __restrict p, const float* __restrict g,
-               float* __restrict m, float* __restrict v, int64_t n) {
+BJ_ALWAYS_INLINE void StepBody(const Coefficients& k, float* __restrict p,
+                               const float* __restrict g, float* __restrict m,
+                               float* __restrict v, int64_t n) {
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     const float gc = ClipFinite(g[i], k.clip);
@@ -101,6 +109,82 @@ void StepChunk(const Coefficients& k, float* __restrict p, const float* __restri
     if (kDecay) u = std::fmaf(k.wd, p[i], u);
     p[i] = std::fmaf(u, k.neg_lr, p[i]);
   }
+}
+
+// One compiled copy of the loops per instruction set. The library itself is
+// built for the architecture's baseline (no -march), so it loads on any CPU;
+// the copy used is chosen at load time from the CPU's features (cpuid), or
+// by name for testing. Without hardware FMA, std::fmaf is the C library's
+// correctly rounded software routine: slower, same results.
+using MomentsFn = void (*)(const Coefficients&, const float*, float*, float*, int64_t);
+using StepFn = void (*)(const Coefficients&, float*, const float*, float*, float*, int64_t);
+
+struct Variant {
+  const char* name;
+  bool (*supported)();
+  MomentsFn moments;
+  StepFn step;
+  StepFn step_decay;
+};
+
+#define BJ_DEFINE_VARIANT(SUFFIX, ATTRIBUTES)                                                \
+  ATTRIBUTES void Moments##SUFFIX(const Coefficients& k, const float* __restrict g,         \
+                                  float* __restrict m, float* __restrict v, int64_t n) {    \
+    MomentsBody(k, g, m, v, n);                                                              \
+  }                                                                                          \
+  ATTRIBUTES void Step##SUFFIX(const Coefficients& k, float* __restrict p,                  \
+                               const float* __restrict g, float* __restrict m,              \
+                               float* __restrict v, int64_t n) {                            \
+    StepBody<false>(k, p, g, m, v, n);                                                       \
+  }                                                                                          \
+  ATTRIBUTES void StepDecay##SUFFIX(const Coefficients& k, float* __restrict p,             \
+                                    const float* __restrict g, float* __restrict m,         \
+                                    float* __restrict v, int64_t n) {                       \
+    StepBody<true>(k, p, g, m, v, n);                                                        \
+  }
+
+BJ_DEFINE_VARIANT(Baseline, )
+bool Always() { return true; }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define BJ_X86_VARIANTS 1
+// Haswell and later (x86-64-v3's vector part): 256-bit AVX2 with FMA.
+BJ_DEFINE_VARIANT(Avx2, __attribute__((target("avx2,fma"))))
+// AVX-512 (Skylake-X, Ice Lake, Zen 4 and later). The build prefers 256-bit
+// vectors (-mprefer-vector-width=256): the loops are bound by memory
+// bandwidth, and 512-bit instructions lower the clock on some Intel cores;
+// this copy still gains AVX-512VL's masked tails and 32 vector registers.
+BJ_DEFINE_VARIANT(Avx512, __attribute__((target("avx512f,avx512vl,avx2,fma"))))
+// __builtin_cpu_supports also checks that the OS saves the wider registers.
+bool HasAvx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+bool HasAvx512() {
+  return HasAvx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+}
+#endif
+
+// Best first.
+const Variant kVariants[] = {
+#ifdef BJ_X86_VARIANTS
+    {"avx512", HasAvx512, MomentsAvx512, StepAvx512, StepDecayAvx512},
+    {"avx2", HasAvx2, MomentsAvx2, StepAvx2, StepDecayAvx2},
+#endif
+    {"baseline", Always, MomentsBaseline, StepBaseline, StepDecayBaseline},
+};
+
+std::atomic<const Variant*> g_variant{nullptr};
+
+const Variant& Active() {
+  const Variant* v = g_variant.load(std::memory_order_acquire);
+  if (v == nullptr) {
+    for (const Variant& candidate : kVariants) {
+      if (candidate.supported()) {
+        v = &candidate;
+        break;
+      }
+    }
+    g_variant.store(v, std::memory_order_release);
+  }
+  return *v;
 }
 
 // A piece of one leaf.
@@ -217,7 +301,8 @@ ffi::Error AdamMoments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi:
   const Coefficients k = ReadScalars(scalars.typed_data());
   int64_t total = 0;
   for (int64_t s : sizes) total += s;
-  ParallelFor(pool, MakeChunks(sizes), total, [k, in, out](const Chunk& c) {
+  const MomentsFn moments = Active().moments;
+  ParallelFor(pool, MakeChunks(sizes), total, [k, in, out, moments](const Chunk& c) {
     const int64_t n = c.end - c.begin;
     const float* g = F32(in[0][c.leaf]) + c.begin;
     const float* m0 = F32(in[1][c.leaf]) + c.begin;
@@ -226,7 +311,7 @@ ffi::Error AdamMoments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi:
     float* v = F32(out[1][c.leaf]) + c.begin;
     if (m != m0) std::memcpy(m, m0, n * sizeof(float));
     if (v != v0) std::memcpy(v, v0, n * sizeof(float));
-    MomentsChunk(k, g, m, v, n);
+    moments(k, g, m, v, n);
   });
   return ffi::Error::Success();
 }
@@ -249,7 +334,9 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Re
   const Coefficients k = ReadScalars(scalars.typed_data());
   int64_t total = 0;
   for (int64_t s : sizes) total += s;
-  ParallelFor(pool, MakeChunks(sizes), total, [k, in, out, decays](const Chunk& c) {
+  const StepFn step = Active().step;
+  const StepFn step_decay = Active().step_decay;
+  ParallelFor(pool, MakeChunks(sizes), total, [k, in, out, decays, step, step_decay](const Chunk& c) {
     const int64_t n = c.end - c.begin;
     const float* p0 = F32(in[0][c.leaf]) + c.begin;
     const float* g = F32(in[1][c.leaf]) + c.begin;
@@ -261,11 +348,7 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Re
     if (p != p0) std::memcpy(p, p0, n * sizeof(float));
     if (m != m0) std::memcpy(m, m0, n * sizeof(float));
     if (v != v0) std::memcpy(v, v0, n * sizeof(float));
-    if (decays[c.leaf]) {
-      StepChunk<true>(k, p, g, m, v, n);
-    } else {
-      StepChunk<false>(k, p, g, m, v, n);
-    }
+    (decays[c.leaf] ? step_decay : step)(k, p, g, m, v, n);
   });
   return ffi::Error::Success();
 }
@@ -288,4 +371,37 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BjAdamStepF32, AdamStep,
                                   .Attr<ffi::Span<const int64_t>>("decay"));
 
 // Lets the loader check that the library matches the Python side.
-extern "C" int bj_native_abi_version() { return 1; }
+extern "C" int bj_native_abi_version() { return 2; }
+
+// The instruction-set copy in use ("avx512", "avx2" or "baseline").
+extern "C" const char* bj_native_isa() { return Active().name; }
+
+// The copies built (supported_only = 0) or those this CPU can run (1), best
+// first, comma-separated.
+extern "C" const char* bj_native_isas(int supported_only) {
+  static const auto list = [](bool only_supported) {
+    std::string out;
+    for (const Variant& v : kVariants) {
+      if (only_supported && !v.supported()) continue;
+      if (!out.empty()) out += ",";
+      out += v.name;
+    }
+    return out;
+  };
+  static const std::string built = list(false), supported = list(true);
+  return (supported_only ? supported : built).c_str();
+}
+
+// Chooses the copy by name ("" or "auto": the best this CPU runs). Returns 0,
+// or -1 for an unknown name, -2 for a copy this CPU cannot run.
+extern "C" int bj_native_select(const char* name) {
+  const std::string want = name == nullptr ? "" : name;
+  for (const Variant& v : kVariants) {
+    if (want.empty() || want == "auto" ? v.supported() : want == v.name) {
+      if (!v.supported()) return -2;
+      g_variant.store(&v, std::memory_order_release);
+      return 0;
+    }
+  }
+  return -1;
+}

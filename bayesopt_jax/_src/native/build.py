@@ -34,8 +34,12 @@ FLAGS = [
     "-fno-math-errno",
     "-ffp-contract=off",
 ]
-# x86: use 256-bit vectors where the target has them (GCC's tuning for some
-# AMD cores otherwise stays at 128 bits).
+# No -march: the library is built for the architecture's baseline, so a wheel
+# built on one machine loads on every CPU of its architecture; the source
+# carries its own AVX2 and AVX-512 copies of the loops and picks one at load
+# time from the CPU's features. x86: where a copy has 256-bit or wider
+# vectors, use 256 bits (GCC's tuning for some AMD cores otherwise stays at
+# 128 bits).
 X86_FLAGS = ["-mprefer-vector-width=256"]
 
 
@@ -62,18 +66,13 @@ def library_name() -> str:
     return LIBRARY_STEM + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
 
 
-def build(output: Path | None = None, *, march: str = "native") -> Path:
-    """Compiles the kernels to ``output`` (default: next to the sources).
-
-    ``march`` is passed as ``-march``; the default targets the building
-    machine, as the library is built where it is installed.
-    """
+def build(output: Path | None = None) -> Path:
+    """Compiles the kernels to ``output`` (default: next to the sources)."""
     output = Path(output) if output is not None else HERE / library_name()
     output.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
         *shlex.split(compiler()),
         *FLAGS,
-        f"-march={march}",
         *(X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64") else []),
         f"-I{include_dir()}",
         *map(str, SOURCES),

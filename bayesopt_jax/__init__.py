@@ -23,7 +23,7 @@ from bayesopt_jax._src.alias import (
 )
 from bayesopt_jax._src.checkpoint import load_npz, save_npz
 from bayesopt_jax._src.decay import add_decoupled_weight_decay
-from bayesopt_jax._src.fused import fused_step, native_available
+from bayesopt_jax._src.fused import fused_step, native_available, native_status
 from bayesopt_jax._src.moments import (
     AmsgradMaxState,
     BiasCorrectionState,
@@ -70,6 +70,7 @@ __all__ = [
     "laplace_scale",
     "load_npz",
     "native_available",
+    "native_status",
     "posterior_variance",
     "rmsprop",
     "sample_posterior",

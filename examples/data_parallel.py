@@ -10,6 +10,10 @@ parameters of every process are from each other and from that reference.
 
     python examples/data_parallel.py                          # 2 processes x 2 devices
     python examples/data_parallel.py --processes 4 --optimizers adam sigma_filter
+    python examples/data_parallel.py --parallel pmap          # jax.pmap across processes
+
+Every process also records whether it used bayesopt_jax's native CPU
+kernels: all processes must make the same choice, or their replicas drift.
 
 On a real multi-host cluster the worker part runs unchanged: replace the
 loopback coordinator address by the address of process 0 (or let
@@ -60,6 +64,47 @@ def make_optimizer(name: str, lr: float):
 # --------------------------------------------------------------------------
 
 
+def load_data(dtype):
+    """scikit-learn's digits: pixels scaled to [0, 1], integer labels."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return (data.data / 16.0).astype(dtype), data.target.astype(np.int32)
+
+
+def batch_indices(seed: int, steps: int, batch_size: int, num_examples: int):
+    """The rows of every global batch (the same in every process)."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, num_examples, (steps, batch_size))
+
+
+def init_params(key, hidden: int, dtype):
+    """A 64-``hidden``-10 tanh MLP."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sizes = [64, hidden, 10]
+    params = {}
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        key, sub = jax.random.split(key)
+        params[f"w{i}"] = jax.random.normal(sub, (a, b), dtype) / np.sqrt(a)
+        params[f"b{i}"] = jnp.zeros((b,), dtype)
+    return params
+
+
+def loss_fn(params, x, y):
+    """Mean softmax cross-entropy of the MLP."""
+    import jax.numpy as jnp
+    import optax
+
+    h = jnp.tanh(x @ params["w0"] + params["b0"])
+    logits = h @ params["w1"] + params["b1"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
 def worker(args) -> None:
     import jax
 
@@ -74,76 +119,105 @@ def worker(args) -> None:
             initialization_timeout=60,
         )
 
-    import jax.numpy as jnp
     import numpy as np
     import optax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
-    from sklearn.datasets import load_digits
+
+    import bayesopt_jax as bj
 
     dtype = np.float64 if args.x64 else np.float32
     rank, nproc = jax.process_index(), jax.process_count()
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P("data"))
     if args.batch_size % jax.device_count():
         raise SystemExit(f"--batch-size must be a multiple of {jax.device_count()} devices")
-
-    data = load_digits()
-    x_all = (data.data / 16.0).astype(dtype)
-    y_all = data.target.astype(np.int32)
-
-    def init_params(key):
-        sizes = [64, args.hidden, 10]
-        params = {}
-        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-            key, sub = jax.random.split(key)
-            params[f"w{i}"] = jax.random.normal(sub, (a, b), dtype) / np.sqrt(a)
-            params[f"b{i}"] = jnp.zeros((b,), dtype)
-        return params
-
-    def loss_fn(params, x, y):
-        h = jnp.tanh(x @ params["w0"] + params["b0"])
-        logits = h @ params["w1"] + params["b1"]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
+    x_all, y_all = load_data(dtype)
     # Each process feeds the rows of the global batch that live on its devices.
     local = slice(rank * args.batch_size // nproc, (rank + 1) * args.batch_size // nproc)
-    order = np.random.default_rng(args.seed).integers(0, len(x_all), (args.steps, args.batch_size))
+    order = batch_indices(args.seed, args.steps, args.batch_size, len(x_all))
 
-    def global_batch(step):
-        idx = order[step][local]
-        x = jax.make_array_from_process_local_data(batch_sharding, x_all[idx])
-        y = jax.make_array_from_process_local_data(batch_sharding, y_all[idx])
-        return x, y
+    if args.parallel == "jit":
+        # One global mesh; parameters replicated, the batch split over "data".
+        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+        replicated = NamedSharding(mesh, P())
+        batch_sharding = NamedSharding(mesh, P("data"))
+
+        def global_batch(step):
+            idx = order[step][local]
+            x = jax.make_array_from_process_local_data(batch_sharding, x_all[idx])
+            y = jax.make_array_from_process_local_data(batch_sharding, y_all[idx])
+            return x, y
+
+        def setup(tx, params):
+            params = jax.device_put(params, replicated)
+            return tx, params, jax.jit(tx.init)(params)
+
+        def compile_step(tx):
+            @jax.jit
+            def step(params, state, x, y):
+                loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+                updates, state = tx.update(grads, state, params)
+                return optax.apply_updates(params, updates), state, loss
+
+            return step
+
+        def host_copies(params):
+            return [
+                {k: np.asarray(s.data) for k, s in zip(params, shards, strict=True)}
+                for shards in zip(*(v.addressable_shards for v in params.values()), strict=True)
+            ]
+    else:
+        # pmap over this process's devices; the mean over every device of
+        # every process is bj.cross_replica_mean's pmean.
+        n_local = jax.local_device_count()
+
+        def global_batch(step):
+            idx = order[step][local]
+            return (
+                x_all[idx].reshape(n_local, -1, x_all.shape[-1]),
+                y_all[idx].reshape(n_local, -1),
+            )
+
+        def setup(tx, params):
+            tx = optax.chain(bj.cross_replica_mean("data"), tx)
+            # one copy per local device along a leading axis; pmap places them
+            params = jax.tree.map(lambda a: np.broadcast_to(a, (n_local, *a.shape)), params)
+            return tx, params, jax.pmap(tx.init)(params)
+
+        def compile_step(tx):
+            def step(params, state, x, y):
+                loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+                updates, state = tx.update(grads, state, params)
+                return optax.apply_updates(params, updates), state, jax.lax.pmean(loss, "data")
+
+            return jax.pmap(step, axis_name="data")
+
+        def host_copies(params):
+            return [{k: np.asarray(v[i]) for k, v in params.items()} for i in range(n_local)]
 
     results = {}
     for name in args.optimizers:
-        tx = make_optimizer(name, args.lr)
-        params = jax.device_put(init_params(jax.random.key(args.seed)), replicated)
-        state = jax.jit(tx.init)(params)
-
-        @jax.jit
-        def step(params, state, x, y, tx=tx):
-            loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-            updates, state = tx.update(grads, state, params)
-            return optax.apply_updates(params, updates), state, loss
-
+        tx, params, state = setup(
+            make_optimizer(name, args.lr),
+            init_params(jax.random.key(args.seed), args.hidden, dtype),
+        )
+        step = compile_step(tx)
         losses = []
         start = time.perf_counter()
         for t in range(args.steps):
             params, state, loss = step(params, state, *global_batch(t))
-            losses.append(float(loss))
+            losses.append(float(np.ravel(np.asarray(loss))[0]))
         elapsed = time.perf_counter() - start
-        # Replicated arrays: every process holds a full copy on its devices.
-        host = {k: np.asarray(v.addressable_data(0)) for k, v in params.items()}
-        for k, v in params.items():
-            for shard in v.addressable_shards[1:]:
-                if not np.array_equal(np.asarray(shard.data), host[k]):
+        # Replicated parameters: every local device holds a full copy.
+        copies = host_copies(params)
+        for other in copies[1:]:
+            for k, v in other.items():
+                if not np.array_equal(v, copies[0][k]):
                     raise RuntimeError(f"{name}: local replicas of {k} differ")
-        np.savez(args.out / f"{name}_{args.tag}_p{rank}.npz", **host)
+        np.savez(args.out / f"{name}_{args.tag}_p{rank}.npz", **copies[0])
         results[name] = {"losses": losses, "seconds": elapsed}
 
+    native = {"available": bj.native_available(), "reason": bj.native_status()["reason"]}
+    (args.out / f"native_{args.tag}_p{rank}.json").write_text(json.dumps(native))
     if rank == 0:
         (args.out / f"losses_{args.tag}.json").write_text(json.dumps(results))
     if args.processes > 1:
@@ -188,6 +262,8 @@ def _launch(args, processes: int, devices: int, tag: str) -> None:
         str(args.seed),
         "--out",
         str(args.out),
+        "--parallel",
+        args.parallel,
         "--optimizers",
         *args.optimizers,
     ] + (["--x64"] if args.x64 else [])
@@ -202,21 +278,25 @@ def _launch(args, processes: int, devices: int, tag: str) -> None:
         raise SystemExit(f"{tag}: worker exit codes {codes}")
 
 
-def compare(out: Path, optimizers: list[str], processes: int) -> dict:
+def compare(out: Path, optimizers: list[str], processes: int, reference: bool = True) -> dict:
     """Max |difference| between processes and against the single-process run."""
     import numpy as np
 
     report = {}
     for name in optimizers:
-        single = np.load(out / f"{name}_single_p0.npz")
         runs = [np.load(out / f"{name}_cluster_p{i}.npz") for i in range(processes)]
+        keys = runs[0].files
         between = (
-            max(float(np.max(np.abs(r[k] - runs[0][k]))) for r in runs[1:] for k in single.files)
+            max(float(np.max(np.abs(r[k] - runs[0][k]))) for r in runs[1:] for k in keys)
             if processes > 1
             else 0.0
         )
-        vs_single = max(float(np.max(np.abs(runs[0][k] - single[k]))) for k in single.files)
-        report[name] = {"between_processes": between, "vs_single_process": vs_single}
+        report[name] = {"between_processes": between}
+        if reference:
+            single = np.load(out / f"{name}_single_p0.npz")
+            report[name]["vs_single_process"] = max(
+                float(np.max(np.abs(runs[0][k] - single[k]))) for k in keys
+            )
     return report
 
 
@@ -231,6 +311,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--x64", action="store_true", help="float64 parameters and state")
+    ap.add_argument(
+        "--parallel",
+        choices=["jit", "pmap"],
+        default="jit",
+        help="sharded jit over a global mesh, or pmap with bayesopt_jax.cross_replica_mean",
+    )
+    ap.add_argument(
+        "--no-reference", action="store_true", help="skip the single-process reference run"
+    )
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per cluster run")
     ap.add_argument("--out", type=Path, default=Path("outputs/data_parallel"))
     # internal: set by the launcher for each worker process
@@ -248,11 +337,17 @@ def main(argv: list[str] | None = None) -> dict:
     devices = args.processes * args.devices_per_process
     print(f"cluster: {args.processes} processes x {args.devices_per_process} CPU devices")
     _launch(args, args.processes, args.devices_per_process, "cluster")
-    print(f"reference: 1 process x {devices} CPU devices")
-    _launch(args, 1, devices, "single")
+    if not args.no_reference:
+        print(f"reference: 1 process x {devices} CPU devices")
+        _launch(args, 1, devices, "single")
 
-    report = compare(args.out, args.optimizers, args.processes)
+    report = compare(args.out, args.optimizers, args.processes, not args.no_reference)
     losses = json.loads((args.out / "losses_cluster.json").read_text())
+    native = [
+        json.loads((args.out / f"native_cluster_p{i}.json").read_text())
+        for i in range(args.processes)
+    ]
+    print("native kernels per process: " + ", ".join(str(n["available"]) for n in native))
     print(
         f"\n{'optimizer':<18} {'first loss':>10} {'final loss':>10} "
         f"{'max |Δ| procs':>14} {'max |Δ| vs 1 proc':>18}"
@@ -260,9 +355,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r in report.items():
         curve = losses[name]["losses"]
         r["first_loss"], r["final_loss"] = curve[0], curve[-1]
+        vs = r.get("vs_single_process")
         print(
             f"{name:<18} {curve[0]:>10.4f} {curve[-1]:>10.4f} "
-            f"{r['between_processes']:>14.3g} {r['vs_single_process']:>18.3g}"
+            f"{r['between_processes']:>14.3g} {'-' if vs is None else f'{vs:.3g}':>18}"
         )
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
     return report

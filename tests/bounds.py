@@ -357,6 +357,11 @@ def rejects(got, want, factor: float = FACTOR) -> bool:
     return any(ratio(a, b, factor) > 1.0 for a, b in pairs)
 
 
+def record_ratio(r: float) -> None:
+    """Reports an error/bound ratio computed outside :func:`check`."""
+    _record(r)
+
+
 def _record(r: float) -> None:
     folder = os.environ.get("BAYESOPT_JAX_BOUND_REPORT")
     if not folder:
@@ -364,3 +369,142 @@ def _record(r: float) -> None:
     test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
     with open(os.path.join(folder, f"ratios-{os.getpid()}.txt"), "a") as f:
         f.write(f"{test}\t{r!r}\n")
+
+
+# --------------------------------------------------------------------------
+# trajectories
+
+
+def trajectory_bound(tx, params, grad_fn, grad_error_fn, batches, *, unit=U64, ops=20):
+    """Forward error bound of a training trajectory, for every float leaf.
+
+    With ``z`` the float leaves of ``(params, state)`` and ``g = grad_fn(params,
+    batch)``, each step ``z' = step(z, g)`` is computed with at most ``ops``
+    rounded operations per component, whose terms are bounded by
+    ``2|z| + |z'|``; the gradient is computed with an error of at most
+    ``grad_error_fn(params, batch)`` per entry. Errors made earlier travel
+    through the step's exact Jacobians (autodiff of the float64 step), so a
+    contracting step shrinks them:
+
+        E' = |∂z'/∂z|·E + |∂z'/∂g|·e_g + ops·u·(2|z| + |z'|).
+
+    Returns ``[(params_bound, state_bound), ...]`` after each step, trees
+    shaped like ``(params, state)`` (zero for integer leaves). Any
+    implementation of the same step is within ``E`` of the exact trajectory,
+    so two of them differ by at most ``2·E``.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    params = jax.tree.map(jnp.asarray, params)
+    leaves, treedef = jax.tree.flatten((params, tx.init(params)))
+    floating = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
+    g_leaves, g_def = jax.tree.flatten(params)
+
+    def split(tree):
+        ls = jax.tree.leaves(tree)
+        z = jnp.concatenate([jnp.ravel(x) for x, f in zip(ls, floating, strict=True) if f])
+        return z, [x for x, f in zip(ls, floating, strict=True) if not f]
+
+    def join(z, ints):
+        out, i, k = [], 0, 0
+        for x, f in zip(leaves, floating, strict=True):
+            if f:
+                out.append(z[i : i + x.size].reshape(x.shape))
+                i += x.size
+            else:
+                out.append(ints[k])
+                k += 1
+        return jax.tree.unflatten(treedef, out)
+
+    def flat(tree):
+        return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
+
+    def unflat(v):
+        out, i = [], 0
+        for x in g_leaves:
+            out.append(v[i : i + x.size].reshape(x.shape))
+            i += x.size
+        return jax.tree.unflatten(g_def, out)
+
+    def step(z, g, ints):
+        p, s = join(z, ints)
+        u, s = tx.update(unflat(g), s, p)
+        return split((optax.apply_updates(p, u), s))[0]
+
+    @jax.jit
+    def advance(z, ints, E, batch):
+        p, _ = join(z, ints)
+        g = flat(grad_fn(p, batch))
+        e_g = flat(grad_error_fn(p, batch))
+        z_new = step(z, g, ints)
+        jz, jg = jax.jacfwd(step, argnums=(0, 1))(z, g, ints)
+        E = _carry(jz, E) + _carry(jg, e_g) + ops * unit * (2 * jnp.abs(z) + jnp.abs(z_new))
+        # the integer leaves (step counts) as the step leaves them
+        _, s_new = tx.update(unflat(g), join(z, ints)[1], p)
+        return z_new, split((p, s_new))[1], E
+
+    z, ints = split((params, tx.init(params)))
+    E = jnp.zeros_like(z)
+    out = []
+    for batch in batches:
+        z, ints, E = advance(z, ints, E, batch)
+        bound = join(E, [jnp.zeros_like(x) for x in ints])
+        out.append(jax.tree.map(np.asarray, bound))
+    return out
+
+
+def _carry(J, E):
+    """``|J|·E`` where ``0·∞`` counts as 0.
+
+    An exactly known input (``E = 0``) contributes nothing. Autodiff gives NaN
+    for ``∞·0`` products: the square root of a second moment that is exactly
+    0 (a parameter whose gradient is exactly 0, such as the weights of a
+    pixel that is 0 in every image) times a derivative that is structurally
+    0. Such an entry counts as 0: the gradient is then exactly 0 in both
+    implementations (every per-example term is 0, so its error bound is 0
+    as well), and the entry moves only through terms counted elsewhere.
+    """
+    import jax.numpy as jnp
+
+    J = jnp.nan_to_num(jnp.abs(J), nan=0.0, posinf=jnp.inf)
+    return jnp.where((E[None, :] == 0) | (J == 0), 0.0, J * E[None, :]).sum(axis=1)
+
+
+def check_tree(got, want, bound, where: str = "", factor: float = 2.0, *, record=True) -> float:
+    """``|got - want| ≤ factor·bound`` leaf by leaf (two implementations: factor 2)."""
+    import jax
+
+    worst = 0.0
+    for (path, a), b, e in zip(
+        jax.tree_util.tree_leaves_with_path(got),
+        jax.tree.leaves(want),
+        jax.tree.leaves(bound),
+        strict=True,
+    ):
+        key = f"{where}{jax.tree_util.keystr(path)}"
+        a, b = np.asarray(a), np.asarray(b)
+        if not np.issubdtype(a.dtype, np.inexact):
+            np.testing.assert_array_equal(a, b, err_msg=key)
+            continue
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        e = np.asarray(e)
+        # An infinite bound (an undefined derivative) accepts only an exact match.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.where(diff == 0, 0.0, np.where(np.isfinite(e), diff / (factor * e), np.inf))
+        r = float(np.max(r, initial=0.0))
+        assert r <= 1.0, f"{key}: error {diff.max():.3e} exceeds the bound (ratio {r:.3g})"
+        worst = max(worst, r)
+    if record:
+        _record(worst)
+    return worst
+
+
+def tree_rejects(got, want, bound, factor: float = 2.0) -> bool:
+    """Whether :func:`check_tree` would fail (to show a bound is sharp)."""
+    try:
+        check_tree(got, want, bound, factor=factor, record=False)
+    except AssertionError:
+        return True
+    return False

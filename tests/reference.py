@@ -19,10 +19,17 @@ def _sq(g):
     return np.real(g * np.conj(g))
 
 
-def adam(grads, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, bias_correction=True, nesterov=False):
+def adam(grads, *args, **kwargs):
+    """All updates as a list (see :func:`adam_steps`)."""
+    return list(adam_steps(grads, *args, **kwargs))
+
+
+def adam_steps(
+    grads, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, bias_correction=True, nesterov=False
+):
+    """Yields the updates one step at a time (``grads`` may be fed lazily)."""
     m = np.zeros_like(grads[0])
     v = np.zeros_like(np.real(grads[0]))
-    out = []
     for t, g in enumerate(grads, start=1):
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * _sq(g)
@@ -35,21 +42,27 @@ def adam(grads, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, bias_correction=True, 
         else:
             m_hat = b1 * m + (1 - b1) * g if nesterov else m
             v_hat = v
-        out.append(m_hat / (np.sqrt(v_hat + eps_root) + eps))
-    return out
+        yield m_hat / (np.sqrt(v_hat + eps_root) + eps)
 
 
-def amsgrad(grads, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, max_of="raw", bias_correction=True):
+def amsgrad(grads, *args, **kwargs):
+    """All updates as a list (see :func:`amsgrad_steps`)."""
+    return list(amsgrad_steps(grads, *args, **kwargs))
+
+
+def amsgrad_steps(
+    grads, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, max_of="raw", bias_correction=True
+):
+    """Yields the updates one step at a time (``grads`` may be fed lazily)."""
     m = np.zeros_like(grads[0])
     v = np.zeros_like(grads[0])
     vmax = np.zeros_like(grads[0])
-    out = []
     for t, g in enumerate(grads, start=1):
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
         if not bias_correction:
             vmax = np.maximum(vmax, v)
-            out.append(m / (np.sqrt(vmax + eps_root) + eps))
+            yield m / (np.sqrt(vmax + eps_root) + eps)
             continue
         m_hat = m / (1 - power(b1, t, g))
         if max_of == "raw":
@@ -58,25 +71,33 @@ def amsgrad(grads, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, max_of="raw", bias_
         else:
             vmax = np.maximum(vmax, v / (1 - power(b2, t, g)))
             denom = np.sqrt(vmax + eps_root) + eps
-        out.append(m_hat / denom)
-    return out
+        yield m_hat / denom
 
 
-def adamax(grads, b1=0.9, b2=0.999, eps=1e-8):
+def adamax(grads, *args, **kwargs):
+    """All updates as a list (see :func:`adamax_steps`)."""
+    return list(adamax_steps(grads, *args, **kwargs))
+
+
+def adamax_steps(grads, b1=0.9, b2=0.999, eps=1e-8):
+    """Yields the updates one step at a time (``grads`` may be fed lazily)."""
     m = np.zeros_like(grads[0])
     u = np.zeros_like(grads[0])
-    out = []
     for t, g in enumerate(grads, start=1):
         m = b1 * m + (1 - b1) * g
         u = np.maximum(b2 * u, np.abs(g) + eps)
-        out.append(m / (1 - power(b1, t, g)) / u)
-    return out
+        yield m / (1 - power(b1, t, g)) / u
 
 
-def rms(grads, decay=0.9, eps=1e-8, eps_in_sqrt=False, bias_correction=False, centered=False):
+def rms(grads, *args, **kwargs):
+    """All updates as a list (see :func:`rms_steps`)."""
+    return list(rms_steps(grads, *args, **kwargs))
+
+
+def rms_steps(grads, decay=0.9, eps=1e-8, eps_in_sqrt=False, bias_correction=False, centered=False):
+    """Yields the updates one step at a time (``grads`` may be fed lazily)."""
     v = np.zeros_like(grads[0])
     m = np.zeros_like(grads[0])
-    out = []
     for t, g in enumerate(grads, start=1):
         v = decay * v + (1 - decay) * g * g
         m = decay * m + (1 - decay) * g
@@ -85,17 +106,20 @@ def rms(grads, decay=0.9, eps=1e-8, eps_in_sqrt=False, bias_correction=False, ce
         if centered:
             s = np.maximum(s - (m / c) ** 2, 0.0)  # documented clip at 0
         denom = np.sqrt(s + eps) if eps_in_sqrt else np.sqrt(s) + eps
-        out.append(g / denom)
-    return out
+        yield g / denom
 
 
-def rss(grads, initial_accumulator_value=0.0, eps=1e-10):
+def rss(grads, *args, **kwargs):
+    """All updates as a list (see :func:`rss_steps`)."""
+    return list(rss_steps(grads, *args, **kwargs))
+
+
+def rss_steps(grads, initial_accumulator_value=0.0, eps=1e-10):
+    """Yields the updates one step at a time (``grads`` may be fed lazily)."""
     a = np.full_like(np.real(grads[0]), initial_accumulator_value)
-    out = []
     for g in grads:
         a = a + _sq(g)
-        out.append(g / (np.sqrt(a) + eps))
-    return out
+        yield g / (np.sqrt(a) + eps)
 
 
 def sigma_filter(
@@ -128,16 +152,6 @@ def sigma_filter(
 
 def _norm(A):
     return np.linalg.norm(A, 2) if np.ndim(A) == 2 else np.linalg.norm(A)
-
-
-def inverse_rounding(A, unit):
-    """Normwise bound on the rounding error of a backward-stable inverse or solve with A.
-
-    ``‖fl(A⁻¹) - A⁻¹‖₂ ≤ 3d·u·κ(A)·‖A⁻¹‖₂`` (Higham 2002, §14.1), where the
-    constant covers LU, Cholesky and triangular-solve formulations.
-    """
-    d = A.shape[0]
-    return 3 * d * unit * np.linalg.cond(A) * _norm(np.linalg.inv(A))
 
 
 def sigma_filter_full(grads, eta, beta, sigma_init, unit=None):

@@ -192,6 +192,40 @@ def native_available() -> bool:
     return native.available()
 
 
+def native_status() -> dict[str, Any]:
+    """What the native CPU kernels are doing in this process, and why.
+
+    Runs the one-time check of :func:`native_available` if it has not run.
+
+    Returns:
+      A dict with ``built`` (a library was compiled at install time),
+      ``library`` (its path), ``loaded`` (it loaded and registered with
+      XLA), ``used`` (transformations take the native path on the CPU),
+      ``isa`` (the instruction-set copy of the loops in use: ``"avx512"``,
+      ``"avx2"`` or ``"baseline"``), ``isas`` (the copies this CPU can run)
+      and ``reason`` (why ``used`` is ``False``, else ``None``).
+
+    Examples:
+      >>> import bayesopt_jax as bj
+      >>> status = bj.native_status()
+      >>> status["used"] == bj.native_available()
+      True
+      >>> status["used"] or status["reason"] is not None
+      True
+    """
+    used = native.available()
+    path = native.library_path()
+    return {
+        "built": path is not None,
+        "library": None if path is None else str(path),
+        "loaded": native.isa() is not None,
+        "used": used,
+        "isa": native.isa(),
+        "isas": native.supported_isas(),
+        "reason": native.unavailable_reason(),
+    }
+
+
 def self_test() -> str | None:
     """Checks the kernels against the pure-JAX path; returns what differs, or ``None``.
 

@@ -455,6 +455,79 @@ def trajectory_bound(tx, params, grad_fn, grad_error_fn, batches, *, unit=U64, o
     return out
 
 
+def update_bounds(tx, params, grads, grad_errors, *, unit=U32, ops=20):
+    """Bounds on the updates of ``tx`` at fixed ``params`` over a gradient stream.
+
+    As :func:`trajectory_bound`, with the parameters held fixed and the
+    update ``u`` as the output. The rounding of ``u`` itself is at most
+    ``ops`` roundings of its terms, bounded to first order by
+    ``|u| + Σ_j |∂u/∂x_j|·|x_j|`` over its inputs ``x`` (gradient, state and
+    parameters): that covers a cancelling sum such as AdamW's
+    ``u_adam + λθ``.
+
+    Returns ``[(update_bound, state_bound), ...]``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    params = jax.tree.map(jnp.asarray, params)
+    state0 = tx.init(params)
+    leaves, treedef = jax.tree.flatten(state0)
+    floating = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
+    p_flat, unravel_p = _ravel(params)
+
+    def split(state):
+        ls = jax.tree.leaves(state)
+        z = [jnp.ravel(x) for x, f in zip(ls, floating, strict=True) if f]
+        z = jnp.concatenate(z) if z else jnp.zeros((0,), p_flat.dtype)
+        return z, [x for x, f in zip(ls, floating, strict=True) if not f]
+
+    def join(z, ints):
+        out, i, k = [], 0, 0
+        for x, f in zip(leaves, floating, strict=True):
+            if f:
+                out.append(z[i : i + x.size].reshape(x.shape))
+                i += x.size
+            else:
+                out.append(ints[k])
+                k += 1
+        return jax.tree.unflatten(treedef, out)
+
+    def step(z, g, p, ints):
+        u, s = tx.update(unravel_p(g), join(z, ints), unravel_p(p))
+        return _ravel(u)[0], split(s)[0]
+
+    @jax.jit
+    def advance(z, ints, E, g, e_g):
+        u, z_new = step(z, g, p_flat, ints)
+        (uz, ug, up), (sz, sg, _) = jax.jacfwd(step, argnums=(0, 1, 2))(z, g, p_flat, ints)
+        terms = (
+            jnp.abs(u)
+            + _carry(uz, jnp.abs(z))
+            + _carry(ug, jnp.abs(g))
+            + _carry(up, jnp.abs(p_flat))
+        )
+        E_u = _carry(uz, E) + _carry(ug, e_g) + ops * unit * terms
+        E = _carry(sz, E) + _carry(sg, e_g) + ops * unit * (2 * jnp.abs(z) + jnp.abs(z_new))
+        _, s_new = tx.update(unravel_p(g), join(z, ints), unravel_p(p_flat))
+        return z_new, split(s_new)[1], E, E_u
+
+    z, ints = split(state0)
+    E = jnp.zeros_like(z)
+    out = []
+    for g, e_g in zip(grads, grad_errors, strict=True):
+        z, ints, E, E_u = advance(z, ints, E, _ravel(g)[0], _ravel(e_g)[0])
+        bound_s = join(E, [jnp.zeros_like(x) for x in ints])
+        out.append((jax.tree.map(np.asarray, unravel_p(E_u)), jax.tree.map(np.asarray, bound_s)))
+    return out
+
+
+def _ravel(tree):
+    from jax.flatten_util import ravel_pytree
+
+    return ravel_pytree(tree)
+
+
 def _carry(J, E):
     """``|J|·E`` where ``0·∞`` counts as 0.
 

@@ -19,12 +19,6 @@ def run_updates(tx, grads, params=None):
     return out, state
 
 
-def assert_trajectory_close(got, want, rtol, atol=0.0):
-    assert len(got) == len(want)
-    for t, (a, b) in enumerate(zip(got, want, strict=True)):
-        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=f"step {t + 1}")
-
-
 def mesh_4x2():
     """A ("data", "model") mesh over the 8 simulated devices."""
     return jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from bounds import U32, check_tree, trajectory_bound, tree_rejects, update_bounds
 from registry import OPTIMIZERS, lr_name, make
 
 import bayesopt_jax as bj
@@ -22,6 +23,20 @@ def _params():
 
 def _loss(p):
     return jnp.sum(p["w"] ** 2) + jnp.sum(jnp.sin(p["b"])) + p["s"] ** 2
+
+
+def _grad(p, _=None):
+    return jax.grad(_loss)(p)
+
+
+def _grad_error(p, _=None):
+    """A few roundings of each gradient entry: 2w, cos(b) (absolute, a few ulp of 1), 2s."""
+    g = _grad(p)
+    return {
+        "w": 2 * U32 * jnp.abs(g["w"]),
+        "b": 8 * U32 + 0 * g["b"],
+        "s": 2 * U32 * jnp.abs(g["s"]),
+    }
 
 
 def _signature(tree):
@@ -87,8 +102,17 @@ def test_inside_scan_and_cond(name):
     p, s = params, tx.init(params)
     for _ in range(6):
         (p, s), _ = body((p, s), None)
-    for a, b in zip(jax.tree.leaves((p_scan, s_scan)), jax.tree.leaves((p, s)), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # Two compilations of the same six steps: within twice the forward error bound.
+    p_bound, s_bound = trajectory_bound(tx, params, _grad, _grad_error, [None] * 6, unit=U32)[-1]
+    check_tree((p_scan, s_scan), (p, s), (p_bound, s_bound), "scan vs loop")
+    # ... a bound that a learning rate (η) off by 1e-3 relative already breaks.
+    key = lr_name(name)
+    off = make(name, **{key: OPTIMIZERS[name][1][key] * (1 + 1e-3)})
+    q, r = params, off.init(params)
+    for _ in range(6):
+        u, r = off.update(jax.grad(_loss)(q), r, q)
+        q = optax.apply_updates(q, u)
+    assert tree_rejects(q, p, p_bound)
     assert losses[-1] < losses[0]
 
     # lax.cond: one branch steps, the other keeps the state.
@@ -140,8 +164,11 @@ def test_multisteps_equals_mean_gradient(name):
     plain = make(name)
     mean = jax.tree.map(lambda *xs: sum(xs) / k, *micro)
     u_plain, _ = plain.update(mean, plain.init(params), params)
-    for a, b in zip(jax.tree.leaves(u_multi), jax.tree.leaves(u_plain), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # Each side forms the mean of k gradients in its own order: within
+    # (k + 1)·u·mean|g_i| of the exact mean; the update carries that through.
+    e_mean = jax.tree.map(lambda *xs: (k + 1) * U32 * sum(jnp.abs(x) for x in xs) / k, *micro)
+    bound, _ = update_bounds(plain, params, [mean], [e_mean], unit=U32)[0]
+    check_tree(u_multi, u_plain, bound, "MultiSteps")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -153,12 +180,35 @@ def test_every_numeric_argument_is_injectable(name):
     plain = factory(**kwargs)
     s_plain = plain.init(params)
     upd = jax.jit(injected.update)
-    for _ in range(3):
-        g = jax.grad(_loss)(params)
+    g = jax.grad(_loss)(params)
+    # Same gradient, same formulas, except that each injected hyperparameter
+    # is a float32 array instead of a Python number: one rounding of h, whose
+    # effect on u_t is |∂u_t/∂h|·u·|h| (large where 1 - b loses digits:
+    # b2 = 0.999 in float32 makes 1 - b2 off by 1.3e-5 relative).
+    floats = {k: v for k, v in s_inj.hyperparams.items() if jnp.issubdtype(v.dtype, jnp.floating)}
+
+    def updates_of(hp):
+        st = s_inj._replace(hyperparams={**s_inj.hyperparams, **hp})
+        out = []
+        for _ in range(3):
+            u, st = injected.update(g, st, params)
+            out.append(u)
+        return out
+
+    sens = jax.jacfwd(updates_of)(floats)
+    bounds = update_bounds(plain, params, [g] * 3, [jax.tree.map(jnp.zeros_like, g)] * 3, unit=U32)
+    for t in range(3):
         u_inj, s_inj = upd(g, s_inj, params)
         u_plain, s_plain = plain.update(g, s_plain, params)
-        for a, b in zip(jax.tree.leaves(u_inj), jax.tree.leaves(u_plain), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+        hyper = jax.tree.map(
+            lambda d: sum(
+                jnp.nan_to_num(jnp.abs(d[k]), nan=0.0) * U32 * jnp.abs(floats[k]) for k in floats
+            ),
+            sens[t],
+            is_leaf=lambda x: isinstance(x, dict) and set(x) == set(floats),
+        )
+        bound = jax.tree.map(lambda a, b: np.asarray(a) + np.asarray(b), bounds[t][0], hyper)
+        check_tree(u_inj, u_plain, bound, f"step {t + 1}")
     assert set(kwargs) <= set(s_inj.hyperparams)
     # Changing an injected value changes the step, with no retrace needed.
     s_inj.hyperparams[lr_name(name)] = jnp.asarray(0.0)

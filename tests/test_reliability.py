@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 import reference
+from bounds import check, output, rejects, track
 from registry import OPTIMIZERS, make
 
 import bayesopt_jax as bj
@@ -220,10 +221,15 @@ def test_float16_adam_keeps_eps_that_float16_cannot_hold(rng):
     tx = bj.scale_by_adam(eps=1e-8, mu_dtype=jnp.float32, nu_dtype=jnp.float32)
     params = jnp.zeros(8, jnp.float16)
     state = tx.init(params)
-    want = reference.adam(grads, eps=1e-8)
+    # computed in float32, each update rounded once to float16
+    want = [output(w, np.float16) for w in reference.adam(track(grads, np.float32), eps=1e-8)]
     without_eps = reference.adam(grads, eps=0.0)
     for t, g in enumerate(g16):
         u, state = tx.update(jnp.asarray(g), state, params)
         assert u.dtype == jnp.float16
-        np.testing.assert_allclose(np.asarray(u, np.float64), want[t], rtol=2e-3)
-    assert np.max(np.abs(want[-1] / without_eps[-1] - 1)) > 0.05
+        check(np.asarray(u, np.float64), want[t], f"step {t + 1}")
+    assert np.max(np.abs(want[-1].value / without_eps[-1] - 1)) > 0.05
+    assert rejects(
+        np.asarray(u, np.float64),
+        output(reference.adam(track(grads, np.float32), eps=0.0)[-1], np.float16),
+    )

@@ -38,7 +38,7 @@ CASES = [
 
 @pytest.mark.parametrize("name,arg,bad", CASES, ids=[f"{n}-{a}-{b}" for n, a, b in CASES])
 def test_every_bad_hyperparameter_is_rejected_at_construction(name, arg, bad):
-    with pytest.raises(ValueError, match=rf"`{arg}` must lie in [\[(].*got"):
+    with pytest.raises(ValueError, match=rf"`{arg}` must be a (finite )?number.*got"):
         make(name, **{arg: bad})
 
 
@@ -233,3 +233,56 @@ def test_float16_adam_keeps_eps_that_float16_cannot_hold(rng):
         np.asarray(u, np.float64),
         output(reference.adam(track(grads, np.float32), eps=0.0)[-1], np.float16),
     )
+
+
+NON_NUMBERS = ["0.001", b"1", [1e-3], None, True, 1e-3 + 0j]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bad", NON_NUMBERS, ids=repr)
+def test_a_non_number_is_rejected_at_construction(name, bad):
+    arg = "learning_rate" if "learning_rate" in OPTIMIZERS[name][1] else "eta"
+    with pytest.raises(ValueError, match=rf"`{arg}` must be a real number or an array, got "):
+        make(name, **{arg: bad})
+
+
+def test_infinite_learning_rate_message_says_what_is_meant():
+    with pytest.raises(ValueError, match=r"`learning_rate` must be a finite number ≥ 0, got inf"):
+        bj.adam(math.inf)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mismatched_trees_and_shapes_name_the_optimizer_leaf_and_shapes(name):
+    tx = make(name)
+    where = (
+        name.split("_")[0]
+        if not name.startswith("sigma")
+        else ("sigma_fixed_point" if "fixed" in name else "sigma_filter")
+    )
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+    state = tx.init(params)
+    good = jax.tree.map(jnp.ones_like, params)
+    # a leaf of another shape: in the gradient (state and params disagree with it)
+    bad = {"w": jnp.ones((2, 3)), "b": jnp.ones(2)}
+    with pytest.raises(
+        ValueError, match=rf"^{where}: at \['w'\], the gradient has shape \(2, 3\) but"
+    ):
+        tx.update(bad, state, params)
+    # params of another structure
+    with pytest.raises(ValueError, match=rf"^{where}: `params` does not have the structure"):
+        tx.update(good, state, {"w": params["w"]})
+    # params of another shape, gradient and state right
+    with pytest.raises(
+        ValueError, match=r"at \['b'\], the gradient has shape \(2,\) but `params` has shape \(1,\)"
+    ):
+        tx.update(good, state, {"w": params["w"], "b": jnp.ones(1)})
+
+
+def test_rmsprop_momentum_none_is_no_momentum_as_in_optax():
+    params = jnp.ones(3)
+    g = jnp.array([0.5, -1.0, 2.0])
+    none, zero = bj.rmsprop(1e-2, momentum=None), bj.rmsprop(1e-2, momentum=0.0)
+    a, sa = none.update(g, none.init(params), params)
+    b, sb = zero.update(g, zero.init(params), params)
+    np.testing.assert_array_equal(a, b)
+    assert jax.tree.structure(sa) == jax.tree.structure(sb)

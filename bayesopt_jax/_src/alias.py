@@ -20,6 +20,21 @@ ScalarOrSchedule = float | jax.Array | optax.Schedule
 PyTree = Any
 
 
+def _checked(where: str, tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``tx`` whose ``update`` first checks its trees (see :func:`validation.check_update`).
+
+    Same ``init`` and state: only a mismatch now fails with a message that
+    names the optimizer, the leaf and both shapes.
+    """
+    tx = optax.with_extra_args_support(tx)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        validation.check_update(where, updates, state, params)
+        return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
 def _lr(learning_rate: ScalarOrSchedule, where: str) -> optax.GradientTransformation:
     validation.check_learning_rate(learning_rate, where)
     return optax.scale_by_learning_rate(learning_rate)
@@ -80,7 +95,7 @@ def adam(
         lr,
     )
     config = native.adam_config(b1, b2, eps, eps_root, nesterov=nesterov, bias_correction=True)
-    return fused.register(tx, fused.AdamStepSpec(config, None, None, lr))
+    return fused.register(_checked("adam", tx), fused.AdamStepSpec(config, None, None, lr))
 
 
 def adamw(
@@ -143,7 +158,7 @@ def adamw(
     if not isinstance(weight_decay, int | float):
         config = None  # a traced decay takes the two-call path
     wd = float(weight_decay) if config is not None else None
-    return fused.register(tx, fused.AdamStepSpec(config, wd, mask, lr))
+    return fused.register(_checked("adamw", tx), fused.AdamStepSpec(config, wd, mask, lr))
 
 
 def amsgrad(
@@ -191,7 +206,7 @@ def amsgrad(
       Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
       https://openreview.net/forum?id=ryQu7f-RZ
     """
-    return optax.chain(
+    tx = optax.chain(
         adam_lib.scale_by_amsgrad(
             b1,
             b2,
@@ -204,6 +219,7 @@ def amsgrad(
         ),
         _lr(learning_rate, "amsgrad"),
     )
+    return _checked("amsgrad", tx)
 
 
 def adamax(
@@ -237,7 +253,9 @@ def adamax(
       Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015,
       section 7.1. https://arxiv.org/abs/1412.6980
     """
-    return optax.chain(adam_lib.scale_by_adamax(b1, b2, eps), _lr(learning_rate, "adamax"))
+    return _checked(
+        "adamax", optax.chain(adam_lib.scale_by_adamax(b1, b2, eps), _lr(learning_rate, "adamax"))
+    )
 
 
 def adagrad(
@@ -269,9 +287,10 @@ def adagrad(
     References:
       Duchi, Hazan & Singer, JMLR 12 (2011). https://jmlr.org/papers/v12/duchi11a.html
     """
-    return optax.chain(
+    tx = optax.chain(
         adam_lib.scale_by_rss(initial_accumulator_value, eps), _lr(learning_rate, "adagrad")
     )
+    return _checked("adagrad", tx)
 
 
 def rmsprop(
@@ -280,7 +299,7 @@ def rmsprop(
     eps: float | jax.Array = 1e-8,
     *,
     centered: bool = False,
-    momentum: float | jax.Array = 0.0,
+    momentum: float | jax.Array | None = 0.0,
     eps_in_sqrt: bool = False,
 ) -> optax.GradientTransformation:
     r"""RMSProp as in ``torch.optim.RMSprop`` (``alpha`` is our ``decay``).
@@ -290,7 +309,7 @@ def rmsprop(
 
     with :math:`s_t` from :func:`~bayesopt_jax.scale_by_rms` and momentum
     :math:`\mu` applied before the learning rate (PyTorch's order). A plain
-    ``momentum=0`` allocates no momentum buffer; an injected (array)
+    ``momentum=0`` (or ``None``, Optax's spelling) allocates no momentum buffer; an injected (array)
     momentum always has one, so the state structure never depends on a value.
     ``optax.rmsprop`` differs by default: it puts ``eps`` inside the square root.
 
@@ -319,6 +338,8 @@ def rmsprop(
       Hinton, Srivastava & Swersky, lecture 6e (2012).
       https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf
     """
+    if momentum is None:
+        momentum = 0.0
     validation.check_decay("momentum", momentum, "rmsprop")
     parts = [
         adam_lib.scale_by_rms(decay, eps, eps_in_sqrt=eps_in_sqrt, centered=centered),
@@ -326,7 +347,7 @@ def rmsprop(
     if not validation.is_static_zero(momentum):
         parts.append(moments.trace(momentum))
     parts.append(_lr(learning_rate, "rmsprop"))
-    return optax.chain(*parts)
+    return _checked("rmsprop", optax.chain(*parts))
 
 
 def sigma_filter(
@@ -380,7 +401,7 @@ def sigma_filter(
       >>> bool(jnp.abs(params).max() < 0.1)
       True
     """
-    return optax.chain(
+    tx = optax.chain(
         sigma_lib.scale_by_sigma_filter(
             eta,
             beta,
@@ -393,6 +414,7 @@ def sigma_filter(
         ),
         optax.scale(-1.0),
     )
+    return _checked("sigma_filter", tx)
 
 
 def sigma_fixed_point(
@@ -428,9 +450,10 @@ def sigma_fixed_point(
       >>> bool(jnp.allclose(u, -1e-3, rtol=1e-2))  # RMSProp regime: -η·sign(g)
       True
     """
-    return optax.chain(
+    tx = optax.chain(
         sigma_lib.scale_by_sigma_fixed_point(
             eta, beta, b1=b1, bias_correction=bias_correction, eps=eps
         ),
         optax.scale(-1.0),
     )
+    return _checked("sigma_fixed_point", tx)

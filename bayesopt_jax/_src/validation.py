@@ -33,6 +33,34 @@ def _concrete(value: Any) -> float | None:
     return None
 
 
+def _describe(low, high, low_inclusive, high_inclusive) -> str:
+    """The allowed values in words: "a number in [0, 1)", "a finite number ≥ 0", ..."""
+    if low is not None and high is not None:
+        lo = "[" if low_inclusive else "("
+        hi = "]" if high_inclusive else ")"
+        return f"a number in {lo}{low:g}, {high:g}{hi}"
+    if low is not None:
+        return f"a finite number {'≥' if low_inclusive else '>'} {low:g}"
+    if high is not None:
+        return f"a finite number {'≤' if high_inclusive else '<'} {high:g}"
+    return "a finite number"
+
+
+def check_number(name: str, value: Any, where: str = "") -> None:
+    """Raises ``ValueError`` unless ``value`` is a real number, a numeric array or a tracer."""
+    if isinstance(value, jax.Array | np.ndarray | np.generic):
+        dtype = np.asarray(value).dtype if not isinstance(value, jax.Array) else value.dtype
+        if np.issubdtype(dtype, np.number) and not np.issubdtype(dtype, np.complexfloating):
+            return
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return
+    prefix = f"{where}: " if where else ""
+    raise ValueError(
+        f"{prefix}`{name}` must be a real number or an array, got {value!r} "
+        f"({type(value).__name__})."
+    )
+
+
 def check_range(
     name: str,
     value: Any,
@@ -43,16 +71,15 @@ def check_range(
     high_inclusive: bool = True,
     where: str = "",
 ) -> None:
-    """Raises ``ValueError`` naming ``name`` when a concrete ``value`` is out of range.
+    """Raises ``ValueError`` naming ``name`` when ``value`` is not a number, or out of range.
 
-    Non-finite values (NaN, ±inf) are always rejected.
+    Non-finite values (NaN, ±inf) are always rejected. Only concrete values
+    are range-checked; traced ones pass.
     """
+    check_number(name, value, where)
     x = _concrete(value)
     if x is None:
         return
-    lo = "[" if low_inclusive else "("
-    hi = "]" if high_inclusive else ")"
-    allowed = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
     prefix = f"{where}: " if where else ""
     ok = np.isfinite(x)
     if ok and low is not None:
@@ -60,7 +87,8 @@ def check_range(
     if ok and high is not None:
         ok = x <= high if high_inclusive else x < high
     if not ok:
-        raise ValueError(f"{prefix}`{name}` must lie in {allowed}, got {value!r}.")
+        allowed = _describe(low, high, low_inclusive, high_inclusive)
+        raise ValueError(f"{prefix}`{name}` must be {allowed}, got {value!r}.")
 
 
 def check_decay(name: str, value: Any, where: str = "") -> None:
@@ -77,6 +105,60 @@ def check_learning_rate(value: float | jax.Array | Callable[[Any], Any], where: 
     if callable(value):
         return
     check_nonnegative("learning_rate", value, where=where)
+
+
+def check_update(where: str, updates: Any, state: Any, params: Any) -> None:
+    """Checks an ``update`` call's trees before any arithmetic (static: shapes only).
+
+    ``params`` (when given) must have the gradients' structure and every leaf
+    its gradient's shape; so must every part of ``state`` that has the
+    gradients' structure (moments, σ, momentum). Raises ``ValueError`` naming
+    ``where``, the leaf path and both shapes.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    if params is not None:
+        try:
+            p_leaves = treedef.flatten_up_to(params)
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"{where}: `params` does not have the structure of the gradients.\n"
+                f"  gradients: {treedef}\n  params:    {jax.tree.structure(params)}"
+            ) from None
+        _same_shapes(where, leaves, p_leaves, "`params`")
+    bare = jax.tree_util.treedef_is_leaf(treedef)
+    for field, part in _state_parts(state):
+        if jax.tree.structure(part) != treedef:
+            continue
+        if bare and not (
+            jax.numpy.issubdtype(jax.numpy.result_type(part), jax.numpy.inexact)
+            and np.ndim(part) == np.ndim(leaves[0][1])
+        ):
+            continue  # a single-array model: only same-rank float buffers mirror it, not counts
+        _same_shapes(where, leaves, treedef.flatten_up_to(part), f"the state's `{field}`")
+
+
+def _same_shapes(where: str, leaves, others, what: str) -> None:
+    for (path, g), o in zip(leaves, others, strict=True):
+        if g is None or o is None or not hasattr(o, "shape"):
+            continue
+        if np.shape(g) != np.shape(o):
+            raise ValueError(
+                f"{where}: at {jax.tree_util.keystr(path) or 'the root'}, the gradient has shape "
+                f"{tuple(np.shape(g))} but {what} has shape {tuple(np.shape(o))}; was the "
+                "optimizer initialised for other parameters?"
+            )
+
+
+def _state_parts(state: Any):
+    """(field name, value) for every field of the named tuples in ``state``."""
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        for name in state._fields:
+            value = getattr(state, name)
+            yield name, value
+            yield from _state_parts(value)
+    elif isinstance(state, tuple | list):
+        for item in state:
+            yield from _state_parts(item)
 
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...], where: str = "") -> None:

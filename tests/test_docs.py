@@ -132,3 +132,44 @@ def test_playground_in_a_headless_browser(server, tmp_path):
         assert not errors, errors
     finally:
         driver.quit()
+
+
+def _snippets(page: Path, fence: str = "```python") -> list[tuple[int, str]]:
+    """The ```python (or ``fence``) blocks of a page: (line number, code)."""
+    out, lines, start, block = [], page.read_text(encoding="utf-8").splitlines(), None, []
+    for i, line in enumerate(lines, start=1):
+        if start is None and line.strip() == fence:
+            start, block = i, []
+        elif start is not None and line.strip() == "```":
+            out.append((start, "\n".join(block)))
+            start = None
+        elif start is not None:
+            block.append(line)
+    return out
+
+
+PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+PAGES_WITH_CODE = [p for p in PAGES if _snippets(p) or _snippets(p, "```pycon")]
+
+
+@pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_snippet_runs(page, tmp_path, monkeypatch):
+    """Each page's Python blocks run in order in one namespace, as a reader would paste them.
+
+    A block that starts with ``# not run here:`` (a multi-host launch) is only compiled.
+    """
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__snippet__"}
+    for line, code in _snippets(page):
+        compiled = compile(code, f"{page.name}:{line}", "exec")
+        if code.lstrip().startswith("# not run here:"):
+            continue
+        exec(compiled, namespace)
+    # interpreter transcripts run as doctests
+    import doctest
+
+    for line, code in _snippets(page, "```pycon"):
+        test = doctest.DocTestParser().get_doctest(code + "\n", {}, page.name, str(page), line)
+        runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+        runner.run(test)
+        assert runner.failures == 0, f"{page.name}:{line}: transcript does not reproduce"

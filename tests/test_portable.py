@@ -119,6 +119,11 @@ def test_a_wheel_built_here_runs_on_haswell(tmp_path):
     )  # fmt: skip
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     (wheel,) = wheels.glob("bayesopt_jax-*.whl")
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
+    assert any(n.startswith("bayesopt_jax/_src/native/_adam_kernels") for n in names), names
     # A fresh venv with only the wheel; its dependencies come from this
     # environment's site-packages through a .pth line (no network).
     venv = tmp_path / "venv"
@@ -182,3 +187,18 @@ def test_a_wheel_built_here_runs_on_haswell(tmp_path):
                 p = p - 1e-3 * (u + wd * p) if wd else p - 1e-3 * u
             check(got[keep], p, f"haswell {name}/{k}")
             check(want[keep], p, f"host {name}/{k}")
+
+
+def test_the_sdist_ships_the_license_and_the_kernel_source(tmp_path):
+    import tarfile
+
+    out = subprocess.run(
+        [sys.executable, "-c",
+         f"from setuptools import build_meta; print(build_meta.build_sdist({str(tmp_path)!r}))"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (sdist,) = tmp_path.glob("bayesopt_jax-*.tar.gz")
+    names = tarfile.open(sdist).getnames()
+    assert any(n.endswith("/LICENSE") for n in names), names
+    assert any(n.endswith("native/adam_kernels.cc") for n in names), names

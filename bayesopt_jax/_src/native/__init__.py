@@ -43,7 +43,8 @@ from bayesopt_jax._src import moments
 HERE = Path(__file__).resolve().parent
 MOMENTS_TARGET = "bayesopt_jax_adam_moments_f32"
 STEP_TARGET = "bayesopt_jax_adam_step_f32"
-ABI_VERSION = 2
+STREAM_TARGET = "bayesopt_jax_stream_f32"
+ABI_VERSION = 3
 
 # Slots of the float32 scalars operand (the Scalar enum of adam_kernels.cc).
 B1, C1, B2, C2, INV_BC1, INV_BC2, EPS, NEG_LR, WEIGHT_DECAY, CLIP = range(10)
@@ -84,6 +85,9 @@ def _load() -> str | None:
         )
         jax.ffi.register_ffi_target(
             STEP_TARGET, jax.ffi.pycapsule(lib.BjAdamStepF32), platform="cpu"
+        )
+        jax.ffi.register_ffi_target(
+            STREAM_TARGET, jax.ffi.pycapsule(lib.BjStreamF32), platform="cpu"
         )
     except (OSError, AttributeError, RuntimeError, ValueError) as err:
         return f"could not load {path.name}: {err}"
@@ -370,6 +374,16 @@ LEAVES_PER_CALL = 64
 
 def _groups(k: int) -> list[slice]:
     return [slice(i, min(k, i + LEAVES_PER_CALL)) for i in range(0, k, LEAVES_PER_CALL)]
+
+
+def stream(y: jax.Array, xs: list, a: float) -> list:
+    """Every ``x`` becomes ``a·x + y`` in place (a bandwidth probe for the benchmarks)."""
+    call = jax.ffi.ffi_call(
+        STREAM_TARGET,
+        [jax.typeof(x) for x in xs],
+        input_output_aliases={1 + i: i for i in range(len(xs))},
+    )
+    return list(call(y, *xs, a=np.float32(a)))
 
 
 def adam_moments(scalars: jax.Array, gs: list, ms: list, vs: list) -> tuple[list, list]:

@@ -398,25 +398,8 @@ def trajectory_bound(tx, params, grad_fn, grad_error_fn, batches, *, unit=U64, o
     import optax
 
     params = jax.tree.map(jnp.asarray, params)
-    leaves, treedef = jax.tree.flatten((params, tx.init(params)))
-    floating = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
+    split, join = _float_vector((params, tx.init(params)))
     g_leaves, g_def = jax.tree.flatten(params)
-
-    def split(tree):
-        ls = jax.tree.leaves(tree)
-        z = jnp.concatenate([jnp.ravel(x) for x, f in zip(ls, floating, strict=True) if f])
-        return z, [x for x, f in zip(ls, floating, strict=True) if not f]
-
-    def join(z, ints):
-        out, i, k = [], 0, 0
-        for x, f in zip(leaves, floating, strict=True):
-            if f:
-                out.append(z[i : i + x.size].reshape(x.shape))
-                i += x.size
-            else:
-                out.append(ints[k])
-                k += 1
-        return jax.tree.unflatten(treedef, out)
 
     def flat(tree):
         return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
@@ -472,26 +455,8 @@ def update_bounds(tx, params, grads, grad_errors, *, unit=U32, ops=20):
 
     params = jax.tree.map(jnp.asarray, params)
     state0 = tx.init(params)
-    leaves, treedef = jax.tree.flatten(state0)
-    floating = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
     p_flat, unravel_p = _ravel(params)
-
-    def split(state):
-        ls = jax.tree.leaves(state)
-        z = [jnp.ravel(x) for x, f in zip(ls, floating, strict=True) if f]
-        z = jnp.concatenate(z) if z else jnp.zeros((0,), p_flat.dtype)
-        return z, [x for x, f in zip(ls, floating, strict=True) if not f]
-
-    def join(z, ints):
-        out, i, k = [], 0, 0
-        for x, f in zip(leaves, floating, strict=True):
-            if f:
-                out.append(z[i : i + x.size].reshape(x.shape))
-                i += x.size
-            else:
-                out.append(ints[k])
-                k += 1
-        return jax.tree.unflatten(treedef, out)
+    split, join = _float_vector(state0, p_flat.dtype)
 
     def step(z, g, p, ints):
         u, s = tx.update(unravel_p(g), join(z, ints), unravel_p(p))
@@ -520,6 +485,35 @@ def update_bounds(tx, params, grads, grad_errors, *, unit=U32, ops=20):
         bound_s = join(E, [jnp.zeros_like(x) for x in ints])
         out.append((jax.tree.map(np.asarray, unravel_p(E_u)), jax.tree.map(np.asarray, bound_s)))
     return out
+
+
+def _float_vector(template, dtype=None):
+    """``split(tree) -> (z, ints)`` and ``join(z, ints) -> tree`` for trees shaped like
+    ``template``: ``z`` concatenates the floating leaves, ``ints`` keeps the others."""
+    import jax
+    import jax.numpy as jnp
+
+    leaves, treedef = jax.tree.flatten(template)
+    floating = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
+
+    def split(tree):
+        ls = jax.tree.leaves(tree)
+        z = [jnp.ravel(x) for x, f in zip(ls, floating, strict=True) if f]
+        z = jnp.concatenate(z) if z else jnp.zeros((0,), dtype or jnp.float32)
+        return z, [x for x, f in zip(ls, floating, strict=True) if not f]
+
+    def join(z, ints):
+        out, i, k = [], 0, 0
+        for x, f in zip(leaves, floating, strict=True):
+            if f:
+                out.append(z[i : i + x.size].reshape(x.shape))
+                i += x.size
+            else:
+                out.append(ints[k])
+                k += 1
+        return jax.tree.unflatten(treedef, out)
+
+    return split, join
 
 
 def _ravel(tree):

@@ -16,7 +16,9 @@ For each parameter tree it measures, in the same run:
   ``x ← a·x + y``, 12 bytes per element, and both with the fused Adam
   step's traffic, three such streams sharing one ``y``, 28 bytes per
   element), which turns each optimizer's byte count into an ideal time
-  (the "bandwidth" column: ideal time / measured time).
+  (the "bandwidth" column: ideal time / measured time). Where a measured
+  step moves its bytes faster than every probe, that step's rate is the
+  bandwidth for its tree, so no fraction exceeds 100%.
 
 Everything is reported as ratios too, because absolute times on a shared
 machine are noisy: ``vs optax`` and ``vs torch`` compare with ``optax.adam``
@@ -348,8 +350,17 @@ def main(argv: list[str] | None = None) -> dict:
             f"{'optimizer':<24} {'step ms':>8} {'vs optax':>8} {'vs torch':>8} "
             f"{'compile s':>9} {'c vs optax':>10} {'state B/p':>9} {'bandwidth':>9}"
         )
+        # A step that moves its bytes faster than every probe shows the machine
+        # can stream faster: the bandwidth is the best rate seen in this run.
+        achieved = {k: r["ideal_B"] * n / r["step_s"] for k, r in rows.items() if r["ideal_B"]}
+        tree_peak, peak_from = peak, best
+        if achieved and max(achieved.values()) > tree_peak:
+            peak_from = max(achieved, key=achieved.get)
+            tree_peak = achieved[peak_from]
+        if peak_from != best:
+            print(f"(bandwidth {tree_peak / 1e9:.2f} GB/s set by {peak_from}, above every probe)")
         for name, r in rows.items():
-            ideal = r["ideal_B"] * n / peak
+            ideal = r["ideal_B"] * n / tree_peak
             r["roofline_fraction"] = ideal / r["step_s"] if r["ideal_B"] else None
             r["vs_optax"] = r["step_s"] / ref_optax if ref_optax else None
             r["vs_torch_fused"] = r["step_s"] / ref_torch if ref_torch else None
@@ -366,7 +377,13 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{fmt(r['compile_vs_optax'], '>10.2f')} {r['state_B']:>9d} "
                 f"{fmt(r['roofline_fraction'], '>9.0%')}"
             )
-        report["trees"][tree_name] = {"arrays": len(shapes), "params": n, "rows": rows}
+        report["trees"][tree_name] = {
+            "arrays": len(shapes),
+            "params": n,
+            "rows": rows,
+            "bandwidth_bytes_per_s": tree_peak,
+            "bandwidth_from": peak_from,
+        }
 
     if args.sweep is not None:
         args.sweep.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,8 @@ first order in ``u``, which is exact up to terms of relative size ``u``.
 The transcriptions in :mod:`reference` run unchanged on ``Tracked``
 inputs; :func:`power` stands for ``b**t`` there, with the error of a
 library ``pow`` (a few ulp, plus ``u·|t·log b|`` where it goes through
-``exp(t·log b)``).
+``exp(t·log b)``, plus ``t·u`` when ``b`` itself is held rounded, as a
+float32 ``b`` is).
 
 Set ``BAYESOPT_JAX_BOUND_REPORT`` to a directory to have every check write
 its worst error/bound ratio there (one file per test process).
@@ -298,7 +299,10 @@ def power(base: float, t: int, like: Any = None):
         return value
     u = like.unit
     log_term = abs(t * math.log(base)) if base > 0 else 0.0
-    return Tracked(value, u * (2 + log_term) * abs(value), u)
+    # A base the implementation holds rounded (a float32 b) is off by up to
+    # u·b, which b^t multiplies by t.
+    held = 0.0 if _representable(np.asarray(base), u) else t
+    return Tracked(value, u * (2 + log_term + held) * abs(value), u)
 
 
 def output(x: Tracked, dtype: Any) -> Tracked:

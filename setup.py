@@ -29,6 +29,11 @@ class BuildNative(build_ext):
         target.unlink(missing_ok=True)  # never ship a stale library from an earlier build
         try:
             build["build"](target)
+            print(
+                f"bayesopt_jax: native kernels built ({target.name}; AVX2/AVX-512 copies chosen at "
+                "load time); `python -m bayesopt_jax` shows whether they are used",
+                file=sys.stderr,
+            )
         except Exception as err:  # any failure leaves the pure-JAX path
             detail = getattr(err, "stderr", "") or err
             print(

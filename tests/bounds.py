@@ -416,21 +416,20 @@ def trajectory_bound(tx, params, grad_fn, grad_error_fn, batches, *, unit=U64, o
         return jax.tree.unflatten(g_def, out)
 
     def step(z, g, ints):
+        """The new float vector; as auxiliary output, the new one and the integer leaves."""
         p, s = join(z, ints)
         u, s = tx.update(unflat(g), s, p)
-        return split((optax.apply_updates(p, u), s))[0]
+        z_new, ints_new = split((optax.apply_updates(p, u), s))
+        return z_new, (z_new, ints_new)
 
     @jax.jit
     def advance(z, ints, E, batch):
         p, _ = join(z, ints)
         g = flat(grad_fn(p, batch))
         e_g = flat(grad_error_fn(p, batch))
-        z_new = step(z, g, ints)
-        jz, jg = jax.jacfwd(step, argnums=(0, 1))(z, g, ints)
+        (jz, jg), (z_new, ints_new) = jax.jacfwd(step, argnums=(0, 1), has_aux=True)(z, g, ints)
         E = _carry(jz, E) + _carry(jg, e_g) + ops * unit * (2 * jnp.abs(z) + jnp.abs(z_new))
-        # the integer leaves (step counts) as the step leaves them
-        _, s_new = tx.update(unflat(g), join(z, ints)[1], p)
-        return z_new, split((p, s_new))[1], E
+        return z_new, ints_new, E
 
     z, ints = split((params, tx.init(params)))
     E = jnp.zeros_like(z)
@@ -463,13 +462,18 @@ def update_bounds(tx, params, grads, grad_errors, *, unit=U32, ops=20):
     split, join = _float_vector(state0, p_flat.dtype)
 
     def step(z, g, p, ints):
+        """``(u, new float state)``; as auxiliary output, those and the new integer leaves."""
         u, s = tx.update(unravel_p(g), join(z, ints), unravel_p(p))
-        return _ravel(u)[0], split(s)[0]
+        z_new, ints_new = split(s)
+        u = _ravel(u)[0]
+        return (u, z_new), (u, z_new, ints_new)
 
     @jax.jit
     def advance(z, ints, E, g, e_g):
-        u, z_new = step(z, g, p_flat, ints)
-        (uz, ug, up), (sz, sg, _) = jax.jacfwd(step, argnums=(0, 1, 2))(z, g, p_flat, ints)
+        jac, (u, z_new, ints_new) = jax.jacfwd(step, argnums=(0, 1, 2), has_aux=True)(
+            z, g, p_flat, ints
+        )
+        (uz, ug, up), (sz, sg, _) = jac
         terms = (
             jnp.abs(u)
             + _carry(uz, jnp.abs(z))
@@ -478,8 +482,7 @@ def update_bounds(tx, params, grads, grad_errors, *, unit=U32, ops=20):
         )
         E_u = _carry(uz, E) + _carry(ug, e_g) + ops * unit * terms
         E = _carry(sz, E) + _carry(sg, e_g) + ops * unit * (2 * jnp.abs(z) + jnp.abs(z_new))
-        _, s_new = tx.update(unravel_p(g), join(z, ints), unravel_p(p_flat))
-        return z_new, split(s_new)[1], E, E_u
+        return z_new, ints_new, E, E_u
 
     z, ints = split(state0)
     E = jnp.zeros_like(z)

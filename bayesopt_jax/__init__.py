@@ -20,6 +20,7 @@ from bayesopt_jax._src.alias import (
     rmsprop,
     sigma_filter,
     sigma_fixed_point,
+    variational_sigma_filter,
 )
 from bayesopt_jax._src.checkpoint import load_npz, save_npz
 from bayesopt_jax._src.decay import add_decoupled_weight_decay
@@ -31,18 +32,25 @@ from bayesopt_jax._src.moments import (
     bias_correction,
 )
 from bayesopt_jax._src.parallel import cross_replica_mean, state_shardings
-from bayesopt_jax._src.sigma import (
-    ScaleBySigmaFilterFullState,
-    ScaleBySigmaFilterState,
+from bayesopt_jax._src.posterior import (
     calibrate_posterior_scale,
     laplace_scale,
     posterior_variance,
     sample_posterior,
+    training_sample,
+)
+from bayesopt_jax._src.sigma import (
+    ScaleBySigmaFilterFullState,
+    ScaleBySigmaFilterState,
     scale_by_sigma_filter,
     scale_by_sigma_filter_full,
     scale_by_sigma_fixed_point,
     sigma_star,
     sigma_star_full,
+)
+from bayesopt_jax._src.variational import (
+    ScaleByVariationalSigmaFilterState,
+    scale_by_variational_sigma_filter,
 )
 
 __version__ = "0.1.0"
@@ -56,6 +64,7 @@ __all__ = [
     "ScaleByRssState",
     "ScaleBySigmaFilterFullState",
     "ScaleBySigmaFilterState",
+    "ScaleByVariationalSigmaFilterState",
     "adagrad",
     "adam",
     "adamax",
@@ -83,9 +92,12 @@ __all__ = [
     "scale_by_sigma_filter",
     "scale_by_sigma_filter_full",
     "scale_by_sigma_fixed_point",
+    "scale_by_variational_sigma_filter",
     "sigma_filter",
     "sigma_fixed_point",
     "sigma_star",
     "sigma_star_full",
     "state_shardings",
+    "training_sample",
+    "variational_sigma_filter",
 ]

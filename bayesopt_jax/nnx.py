@@ -1,4 +1,4 @@
-"""Flax NNX integration: an ``nnx.Optimizer`` whose update is one fused step.
+"""Flax NNX integration: a fused-step ``nnx.Optimizer`` and training at posterior draws.
 
 Importing this module needs Flax (``pip install "bayesopt_jax[examples]"``);
 the rest of bayesopt_jax does not.
@@ -6,13 +6,15 @@ the rest of bayesopt_jax does not.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flax import nnx
 
 from bayesopt_jax._src.fused import fused_step
+from bayesopt_jax._src.posterior import training_sample
 
-__all__ = ["FusedOptimizer"]
+__all__ = ["FusedOptimizer", "value_and_grad_at_sample"]
 
 
 class FusedOptimizer(nnx.Optimizer):
@@ -58,3 +60,51 @@ class FusedOptimizer(nnx.Optimizer):
         nnx.update(model, new_params)
         nnx.update(self.opt_state, nnx.state(new_opt_state, graph=self.graph))
         self.step[...] += 1
+
+
+def value_and_grad_at_sample(
+    loss_fn: Callable[..., Any],
+    model: Any,
+    optimizer: nnx.Optimizer,
+    *args: Any,
+    has_aux: bool = False,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    """``nnx.value_and_grad(loss_fn)(model, *args)`` at this step's posterior draw.
+
+    For an optimizer built on :func:`~bayesopt_jax.variational_sigma_filter`:
+    the model's ``optimizer.wrt`` variables are set to
+    :func:`~bayesopt_jax.training_sample` of the optimizer state, the loss
+    and gradients are computed there, and the mean is put back before
+    returning, so ``optimizer.update(model, grads)`` moves the mean. Use it
+    where ``nnx.value_and_grad`` would be used, inside ``nnx.jit`` or not.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import bayesopt_jax as bj
+      >>> from bayesopt_jax.nnx import value_and_grad_at_sample
+      >>> model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+      >>> tx = bj.variational_sigma_filter(1e-2, num_data=64, batch_size=8, key=0)
+      >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+      >>> x, y = jnp.ones((8, 3)), jnp.zeros((8, 1))
+      >>> @nnx.jit
+      ... def train_step(model, optimizer):
+      ...     loss_fn = lambda m: ((m(x) - y) ** 2).mean()
+      ...     loss, grads = value_and_grad_at_sample(loss_fn, model, optimizer)
+      ...     optimizer.update(model, grads)
+      ...     return loss
+      >>> first = train_step(model, optimizer)
+      >>> for _ in range(100):
+      ...     last = train_step(model, optimizer)
+      >>> bool(last < first)
+      True
+    """
+    mean = nnx.as_pure(nnx.state(model, optimizer.wrt))
+    sample = training_sample(mean, nnx.as_pure(optimizer.opt_state))
+    nnx.update(model, sample)
+    try:
+        out = nnx.value_and_grad(loss_fn, has_aux=has_aux)(model, *args, **kwargs)
+    finally:
+        nnx.update(model, mean)
+    return out

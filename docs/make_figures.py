@@ -22,7 +22,7 @@ JOBS = {
     "train_digits": (["--no-progress"], ["loss_curves.png"]),
     "kingma_ba": ([], ["logreg.png", "bias_correction.png"]),
     "sigma_regimes": ([], ["fixed_point.png", "full_matrix.png", "quadratic.png"]),
-    "uncertainty": ([], ["reliability.png"]),
+    "uncertainty": ([], ["reliability.png", "entropy.png"]),
 }
 
 

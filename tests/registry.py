@@ -37,6 +37,10 @@ OPTIMIZERS = {
         functools.partial(bj.sigma_filter, b1=0.9),
         dict(eta=1e-2, beta=0.999),
     ),
+    "variational_sigma_filter": (
+        functools.partial(bj.variational_sigma_filter, num_data=1000, batch_size=10, key=0),
+        dict(eta=1e-2, beta=0.999),
+    ),
     "sigma_fixed_point": (
         functools.partial(bj.sigma_fixed_point, b1=0.9),
         dict(eta=1e-2, beta=0.999, eps=1e-16),

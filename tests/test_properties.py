@@ -213,7 +213,7 @@ def test_every_numeric_argument_is_injectable(name):
     # Changing an injected value changes the step, with no retrace needed.
     s_inj.hyperparams[lr_name(name)] = jnp.asarray(0.0)
     u_zero, _ = upd(jax.grad(_loss)(params), s_inj, params)
-    if name.startswith("sigma_filter"):
+    if "sigma_filter" in name:
         # For the filter η = 0 means exact precision accumulation: the step
         # shrinks (σ decreases) instead of vanishing.
         for a, b in zip(jax.tree.leaves(u_zero), jax.tree.leaves(u_inj), strict=True):
@@ -226,7 +226,7 @@ def test_every_numeric_argument_is_injectable(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_schedule_learning_rate(name):
     sched = optax.linear_schedule(1.0, 0.0, transition_steps=2)
-    if name.startswith("sigma_filter"):
+    if "sigma_filter" in name:
         pytest.skip("for the filter η is a prior variance, not a step size: see test_sigma")
     tx = make(name, **{lr_name(name): sched})
     params = _params()

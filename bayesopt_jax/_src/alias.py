@@ -15,6 +15,7 @@ import optax
 from bayesopt_jax._src import adam as adam_lib
 from bayesopt_jax._src import decay, fused, moments, native, validation
 from bayesopt_jax._src import sigma as sigma_lib
+from bayesopt_jax._src import variational as variational_lib
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
 PyTree = Any
@@ -415,6 +416,98 @@ def sigma_filter(
         optax.scale(-1.0),
     )
     return _checked("sigma_filter", tx)
+
+
+def variational_sigma_filter(
+    eta: ScalarOrSchedule,
+    num_data: int,
+    batch_size: int | None = None,
+    *,
+    key: int | jax.Array = 0,
+    prior_precision: float = 0.5,
+    curvature: str = "evidence",
+    hess_decay: float = 0.99,
+    hess_init: float = 0.0,
+    beta: float | jax.Array = 0.999,
+    b1: float | jax.Array = 0.9,
+    sigma_init: float | jax.Array | None = None,
+    bias_correction: bool = True,
+    eps: float | jax.Array = sigma_lib.DEFAULT_EPS,
+    sigma_max: float | jax.Array | None = None,
+    max_ratio: float | jax.Array | None = 2.0,
+) -> optax.GradientTransformation:
+    r"""The σ-filter as variational training: gradients at posterior draws, a posterior to average over.
+
+    ``chain(scale_by_variational_sigma_filter(...), scale(-1))``. The training
+    loop is the usual Optax loop plus one line, the draw at which the
+    gradient is taken (:func:`~bayesopt_jax.training_sample`); after
+    training, :func:`~bayesopt_jax.sample_posterior` at ``scale=1`` draws
+    from the same posterior :math:`\mathcal N(ar	heta, v)`,
+    :math:`v = 1/(N(h+\delta))`, for a model average. Same guard as
+    :func:`~bayesopt_jax.sigma_filter` (``max_ratio=2``); details of every
+    argument: :func:`~bayesopt_jax.scale_by_variational_sigma_filter`.
+
+    **Data-parallel training.** The noise is a function of the state (its
+    key and step count), so replicas that hold the same state draw the *same*
+    sample: under ``pmap`` each replica takes the gradient of its shard at
+    that one sample, the averaged gradient is the gradient of the global
+    batch at it, and replicas stay bit-identical; under sharded ``jit`` the
+    draw does not depend on the layout. This is exactly single-device
+    training with the global batch (one posterior sample per global batch).
+
+    Args:
+      eta: :math:`\eta > 0`, the filter's step scale (learning-rate units).
+      num_data: N, the number of training examples.
+      batch_size: B, the number of examples averaged in each gradient.
+      key: int seed or ``jax.random.key``; the noise stream lives in the state.
+      prior_precision: δ > 0 per example (prior :math:`\mathcal N(0, 1/(N\delta))`).
+      curvature: ``"evidence"`` (default) or ``"reparam"``.
+      hess_decay: γ for ``"reparam"``.
+      hess_init: :math:`h_0` for ``"reparam"``.
+      beta: evidence decay.
+      b1: gradient EMA decay (0.9: Adam-like).
+      sigma_init: initial σ (``None``: the fixed point of the first evidence).
+      bias_correction: debias the EMAs.
+      eps: evidence floor.
+      sigma_max: optional cap on σ.
+      max_ratio: cap σ ≤ κ·σ*(ŝ) (default 2).
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import bayesopt_jax as bj
+      >>> params = {"w": jnp.zeros(2)}
+      >>> tx = bj.variational_sigma_filter(1e-2, num_data=1000, batch_size=32, key=0)
+      >>> state = tx.init(params)
+      >>> sample = bj.training_sample(params, state)  # before the gradient
+      >>> updates, state = tx.update(jax.grad(lambda p: jnp.sum((p["w"] - 1) ** 2))(sample), state, params)
+      >>> draws = bj.sample_posterior(jax.random.key(1), params, state, num_samples=8)
+      >>> draws["w"].shape
+      (8, 2)
+    """
+    tx = optax.chain(
+        variational_lib.scale_by_variational_sigma_filter(
+            eta,
+            num_data,
+            batch_size,
+            key=key,
+            prior_precision=prior_precision,
+            curvature=curvature,
+            hess_decay=hess_decay,
+            hess_init=hess_init,
+            beta=beta,
+            b1=b1,
+            sigma_init=sigma_init,
+            bias_correction=bias_correction,
+            eps=eps,
+            sigma_max=sigma_max,
+            max_ratio=max_ratio,
+        ),
+        optax.scale(-1.0),
+    )
+    return _checked("variational_sigma_filter", tx)
 
 
 def sigma_fixed_point(

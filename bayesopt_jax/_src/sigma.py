@@ -79,11 +79,11 @@ def sigma_star_full(G: Array, eta: Array | float) -> Array:
     return (V * sigma_star(lam, eta)) @ V.T
 
 
-def _eta_at(eta: ScalarOrSchedule, count: Array) -> Array:
+def eta_at(eta: ScalarOrSchedule, count: Array) -> Array:
     return eta(count) if callable(eta) else eta
 
 
-def _check_sigma_args(where, eta, beta, b1, eps, sigma_init=None, sigma_max=None, max_ratio=None):
+def check_sigma_args(where, eta, beta, b1, eps, sigma_init=None, sigma_max=None, max_ratio=None):
     if not callable(eta):
         validation.check_nonnegative("eta", eta, where)
     validation.check_decay("beta", beta, where)
@@ -97,7 +97,29 @@ def _check_sigma_args(where, eta, beta, b1, eps, sigma_init=None, sigma_max=None
         validation.check_range("max_ratio", max_ratio, low=1.0, where=where)
 
 
-def _evidence_and_direction(g, m, s, debias, *, beta, b1, bias_correction, eps):
+def filter_rule(sigma_init, sigma_max, max_ratio) -> Callable[..., Array]:
+    """The filter's σ step ``(prev, ŝ, η, t) -> σ_t``, with its start and guards.
+
+    Shared by :func:`scale_by_sigma_filter` and the variational σ-filter.
+    """
+
+    def new_sigma(prev, s_hat, e, count):
+        sig_new = prev / (1 + s_hat * prev) + e * e
+        if sigma_init is None or max_ratio is not None:
+            star = sigma_star(s_hat, e)
+        if sigma_init is None:
+            sig_new = jnp.where(count == 1, star, sig_new)
+        if max_ratio is not None:
+            capped = jnp.minimum(sig_new, jnp.asarray(max_ratio, s_hat.dtype) * star)
+            sig_new = jnp.where(e > 0, capped, sig_new)
+        if sigma_max is not None:
+            sig_new = jnp.minimum(sig_new, jnp.asarray(sigma_max, s_hat.dtype))
+        return sig_new
+
+    return new_sigma
+
+
+def evidence_and_direction(g, m, s, debias, *, beta, b1, bias_correction, eps):
     """Shared by the filter and the fixed point: new moments, ŝ (floored) and d."""
     c = moments.compute_dtype(g.dtype)
     rc = moments.real_dtype(c)
@@ -153,10 +175,10 @@ def _sigma_transformation(where, new_sigma, eta, beta, b1, bias_correction, eps,
         moments.check_tree_match(where, updates, state.nu, "nu")
         count = optax.safe_increment(state.count)
         debias = moments.Debias(count)
-        eta_t = _eta_at(eta, state.count)
+        eta_t = eta_at(eta, state.count)
 
         def leaf(g, m, s, sig):
-            s_new, s_hat, m_new, d = _evidence_and_direction(
+            s_new, s_hat, m_new, d = evidence_and_direction(
                 g, m, s, debias, beta=beta, b1=b1, bias_correction=bias_correction, eps=eps
             )
             e = jnp.asarray(eta_t, s_hat.dtype)
@@ -248,25 +270,13 @@ def scale_by_sigma_filter(
       derivation this implements.
     """
     where = "scale_by_sigma_filter"
-    _check_sigma_args(where, eta, beta, b1, eps, sigma_init, sigma_max, max_ratio)
+    check_sigma_args(where, eta, beta, b1, eps, sigma_init, sigma_max, max_ratio)
     if sigma_init is None and not callable(eta):
         validation.check_range(
             "eta", eta, low=0.0, low_inclusive=False, where=where + " (with sigma_init=None)"
         )
 
-    def new_sigma(prev, s_hat, e, count):
-        sig_new = prev / (1 + s_hat * prev) + e * e
-        if sigma_init is None or max_ratio is not None:
-            star = sigma_star(s_hat, e)
-        if sigma_init is None:
-            sig_new = jnp.where(count == 1, star, sig_new)
-        if max_ratio is not None:
-            capped = jnp.minimum(sig_new, jnp.asarray(max_ratio, s_hat.dtype) * star)
-            sig_new = jnp.where(e > 0, capped, sig_new)
-        if sigma_max is not None:
-            sig_new = jnp.minimum(sig_new, jnp.asarray(sigma_max, s_hat.dtype))
-        return sig_new
-
+    new_sigma = filter_rule(sigma_init, sigma_max, max_ratio)
     return _sigma_transformation(where, new_sigma, eta, beta, b1, bias_correction, eps, sigma_init)
 
 
@@ -310,7 +320,7 @@ def scale_by_sigma_fixed_point(
       True
     """
     where = "scale_by_sigma_fixed_point"
-    _check_sigma_args(where, eta, beta, b1, eps)
+    check_sigma_args(where, eta, beta, b1, eps)
 
     def new_sigma(prev, s_hat, e, count):
         del prev, count
@@ -386,7 +396,7 @@ def scale_by_sigma_filter_full(
       [[0.5, 0.0], [0.0, 1.0]]
     """
     where = "scale_by_sigma_filter_full"
-    _check_sigma_args(where, eta, beta, 0.0, 1.0, sigma_init)
+    check_sigma_args(where, eta, beta, 0.0, 1.0, sigma_init)
 
     def init_fn(params):
         flat, _ = ravel_pytree(params)
@@ -413,255 +423,8 @@ def scale_by_sigma_filter_full(
         b = jnp.asarray(beta, c)
         G = b * state.nu + jnp.asarray(1 - beta, c) * jnp.outer(g, g)
         G_hat = G / moments.debias_factor(beta, count, c)
-        sigma = full_posterior_step(state.sigma, G_hat, _eta_at(eta, state.count))
+        sigma = full_posterior_step(state.sigma, G_hat, eta_at(eta, state.count))
         u = unravel((sigma @ g).astype(flat.dtype))
         return u, ScaleBySigmaFilterFullState(count=count, nu=G, sigma=sigma)
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-# --------------------------------------------------------------------------
-# reading the posterior
-# --------------------------------------------------------------------------
-
-
-def _sigma_states(opt_state):
-    found = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleBySigmaFilterState))
-    return [x for x in found if isinstance(x, ScaleBySigmaFilterState)]
-
-
-def posterior_variance(opt_state: PyTree) -> PyTree:
-    """The σ-filter's posterior variance σ, a pytree shaped like the parameters.
-
-    ``opt_state`` is the state of :func:`scale_by_sigma_filter` /
-    :func:`scale_by_sigma_fixed_point` itself, or the state of any chain or
-    Optax wrapper that holds exactly one of them (``inject_hyperparams``,
-    ``apply_if_finite``, ``MultiSteps``, ``masked``, ...). Under ``masked``,
-    masked-out leaves come back as ``optax.MaskedNode``.
-
-    Examples:
-      >>> import jax.numpy as jnp, optax
-      >>> import bayesopt_jax as bj
-      >>> tx = optax.apply_if_finite(bj.sigma_filter(1e-2), 3)
-      >>> s = tx.init({"w": jnp.zeros(2)})
-      >>> _, s = tx.update({"w": jnp.ones(2)}, s)
-      >>> bj.posterior_variance(s)["w"].shape
-      (2,)
-    """
-    states = _sigma_states(opt_state)
-    if len(states) != 1:
-        raise ValueError(
-            "posterior_variance: expected exactly one σ-filter state "
-            f"(ScaleBySigmaFilterState) inside opt_state, found {len(states)}."
-        )
-    return states[0].sigma
-
-
-def _scale_tree(scale: Any, params: PyTree) -> PyTree:
-    """A scalar scale broadcast to the parameters' structure; a pytree unchanged."""
-    if jax.tree_util.treedef_is_leaf(jax.tree.structure(scale)):
-        return jax.tree.map(lambda _: scale, params)
-    return scale
-
-
-def sample_posterior(
-    key: Array,
-    params: PyTree,
-    opt_state: PyTree,
-    num_samples: int | None = None,
-    *,
-    scale: float | Array = 1.0,
-) -> PyTree:
-    r"""Draws parameters from the diagonal Gaussian posterior of the σ-filter.
-
-    .. math::
-        \theta^{(k)} = \theta + \sqrt{c\,\sigma}\ \odot \varepsilon^{(k)},
-        \qquad \varepsilon^{(k)} \sim \mathcal N(0, I)
-
-    **The scale c.** σ is the filter's belief about where the *next step*
-    should land, in learning-rate units: it is built from the curvature of one
-    batch-mean loss at a time and re-inflated by η² every step, so read as a
-    posterior over weights given the whole data set it is far too wide (and
-    for parameters that never saw a gradient it is bounded only by the
-    guards). A principled variance comes from the same evidence ŝ the filter
-    tracks. For a loss that is a mean over batches of B examples, gradient
-    noise gives :math:`\hat s \approx F/B`, with F the per-example Fisher
-    information; a data set of N examples has Fisher :math:`NF \approx NB\hat s`,
-    so with a Gaussian prior of precision λ the diagonal Laplace posterior
-    variance is :math:`1/(NB\hat s + \lambda)`. :func:`laplace_scale` returns
-    the c that gives this variance, optionally tempered by T. Because the
-    derivation rests on approximations (a diagonal, empirical Fisher),
-    :func:`calibrate_posterior_scale` chooses T on held-out data, and keeps
-    the mean parameters when no T helps.
-
-    Args:
-      key: a PRNG key.
-      params: the mean (the trained parameters).
-      opt_state: any optimizer state holding one σ-filter state.
-      num_samples: ``None`` for one draw shaped like ``params``, or k for a
-        leading axis of size k on every leaf.
-      scale: c, a number or a pytree like ``params`` (e.g. from :func:`laplace_scale`).
-
-    Returns:
-      A pytree like ``params`` (with a leading sample axis if ``num_samples``).
-
-    Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> import bayesopt_jax as bj
-      >>> tx = bj.sigma_filter(0.1)
-      >>> p = {"w": jnp.zeros(3)}
-      >>> _, s = tx.update({"w": jnp.ones(3)}, tx.init(p))
-      >>> bj.sample_posterior(jax.random.key(0), p, s, num_samples=5)["w"].shape
-      (5, 3)
-    """
-    sigma = posterior_variance(opt_state)
-    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
-    sigma = jax.tree.map(
-        lambda p, s: jnp.zeros_like(p) if is_masked(s) else s, params, sigma, is_leaf=is_masked
-    )
-    scale = _scale_tree(scale, params)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    sig_leaves = treedef.flatten_up_to(sigma)
-    scale_leaves = treedef.flatten_up_to(scale)
-    out = []
-    for k, p, s, c in zip(keys, leaves, sig_leaves, scale_leaves, strict=False):
-        shape = p.shape if num_samples is None else (num_samples, *p.shape)
-        eps = jax.random.normal(k, shape, moments.compute_dtype(p.dtype))
-        std = jnp.sqrt(jnp.asarray(c) * s.astype(eps.dtype))
-        out.append((p.astype(eps.dtype) + std * eps).astype(p.dtype))
-    return treedef.unflatten(out)
-
-
-def laplace_scale(
-    opt_state: PyTree,
-    num_data: int,
-    batch_size: int,
-    *,
-    beta: float = 0.999,
-    temperature: float = 1.0,
-    prior_precision: float | None = None,
-    params: PyTree | None = None,
-) -> PyTree:
-    r"""Per-parameter scale c that turns σ into a diagonal Laplace posterior variance.
-
-    .. math::
-        c\,\sigma = rac{T}{N B\, \hat s + \lambda}
-
-    with :math:`\hat s` the filter's bias-corrected evidence, N the number
-    of training examples, B the batch size, λ a Gaussian prior precision and
-    T a temperature (see :func:`sample_posterior` for the derivation). The
-    prior term keeps parameters that never saw a gradient (ŝ = 0) at the
-    prior variance 1/λ instead of an infinite one. By default λ is set per
-    leaf by moment matching (empirical Bayes): :math:`1/\lambda` is the mean
-    of :math:`\theta^2` over the leaf, i.e. a zero-mean Gaussian prior as wide
-    as the trained weights of that layer.
-
-    Args:
-      opt_state: any optimizer state holding one σ-filter state.
-      num_data: N, the number of training examples.
-      batch_size: B, the number of examples averaged in each gradient.
-      beta: the filter's evidence decay (for the bias correction of ŝ).
-      temperature: T > 0; 1 is the Laplace approximation.
-      prior_precision: λ > 0, or ``None`` for the per-leaf moment-matched λ
-        (then ``params`` is required).
-      params: the trained parameters (for ``prior_precision=None``).
-
-    Returns:
-      A pytree like the parameters, to pass as ``scale=`` to :func:`sample_posterior`.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import bayesopt_jax as bj
-      >>> tx = bj.sigma_filter(0.1, beta=0.0)
-      >>> _, s = tx.update({"w": jnp.array([2.0, 0.0])}, tx.init({"w": jnp.zeros(2)}))
-      >>> c = bj.laplace_scale(s, num_data=10, batch_size=5, beta=0.0, prior_precision=1.0)
-      >>> [round(x, 4) for x in (c["w"] * bj.posterior_variance(s)["w"]).tolist()]  # 1/201, 1/1
-      [0.005, 1.0]
-    """
-    where = "laplace_scale"
-    validation.check_range("num_data", num_data, low=1.0, where=where)
-    validation.check_range("batch_size", batch_size, low=1.0, where=where)
-    validation.check_decay("beta", beta, where)
-    validation.check_range("temperature", temperature, low=0.0, low_inclusive=False, where=where)
-    if prior_precision is None:
-        if params is None:
-            raise ValueError(f"{where}: `params` is required when `prior_precision` is None.")
-        precision = jax.tree.map(
-            lambda p: 1 / jnp.maximum(jnp.mean(moments.abs_sq(jnp.asarray(p))), 1e-12), params
-        )
-    else:
-        validation.check_range(
-            "prior_precision", prior_precision, low=0.0, low_inclusive=False, where=where
-        )
-        precision = None
-    state = _sigma_states(opt_state)
-    if len(state) != 1:
-        posterior_variance(opt_state)  # raises the explanatory error
-    state = state[0]
-
-    def leaf(s, sig, lam):
-        if isinstance(s, optax.MaskedNode):
-            return s
-        c = moments.compute_dtype(s.dtype)
-        bc = moments.debias_factor(beta, jnp.maximum(state.count, 1), c)
-        lam = prior_precision if lam is None else lam
-        var = temperature / (num_data * batch_size * s.astype(c) / bc + lam)
-        sig = sig.astype(c)
-        return jnp.where(sig > 0, var / jnp.where(sig > 0, sig, 1), 0)
-
-    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
-    if precision is None:
-        return jax.tree.map(
-            lambda s, sig: leaf(s, sig, None), state.nu, state.sigma, is_leaf=is_masked
-        )
-    return jax.tree.map(leaf, state.nu, state.sigma, precision, is_leaf=is_masked)
-
-
-def calibrate_posterior_scale(
-    key: Array,
-    params: PyTree,
-    opt_state: PyTree,
-    log_likelihood: Callable[[PyTree], Array],
-    scales: Any,
-    *,
-    num_samples: int = 16,
-    base_scale: Any = 1.0,
-) -> tuple[Any, Array]:
-    r"""Picks the posterior scale that maximises held-out log predictive likelihood.
-
-    For each candidate ``c`` in ``scales`` it draws ``num_samples`` parameter
-    sets with variance :math:`c \cdot \text{base\_scale} \cdot \sigma` and
-    scores the Bayesian model average
-    :math:`\log \frac1K \sum_k p(y \mid x, \theta^{(k)})`, summed over the
-    held-out examples. ``c = 0`` (the mean parameters) is always a candidate,
-    so averaging is only chosen when it helps.
-
-    Args:
-      key: PRNG key (the same draws are reused for every candidate).
-      params: as in :func:`sample_posterior`.
-      opt_state: as in :func:`sample_posterior`.
-      log_likelihood: maps parameters to per-example log-likelihoods on the
-        held-out set (shape ``[n]``).
-      scales: candidate multipliers (positive numbers).
-      num_samples: K.
-      base_scale: a number or pytree multiplied in (e.g. :func:`laplace_scale`).
-
-    Returns:
-      ``(best_scale, scores)`` where ``scores[i]`` is the held-out log
-      predictive for ``[0.0, *scales][i]``.
-    """
-    candidates = [0.0, *list(scales)]
-    base_scale = _scale_tree(base_scale, params)
-    scores = []
-    for c in candidates:
-        if c == 0.0:
-            scores.append(jnp.sum(log_likelihood(params)))
-            continue
-        sc = jax.tree.map(lambda b, c=c: c * b, base_scale)
-        draws = sample_posterior(key, params, opt_state, num_samples, scale=sc)
-        ll = jax.lax.map(log_likelihood, draws)  # [K, n]
-        bma = jax.scipy.special.logsumexp(ll, axis=0) - jnp.log(num_samples)
-        scores.append(jnp.sum(bma))
-    scores = jnp.stack(scores)
-    return candidates[int(jnp.argmax(scores))], scores

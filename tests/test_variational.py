@@ -1,0 +1,390 @@
+"""The variational σ-filter: sampled variance, noise, keys, replicas, a known posterior."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from bounds import U32, check, power, rejects, track
+from conftest import grad_stream
+from helpers import mesh_4x2
+
+import bayesopt_jax as bj
+from bayesopt_jax._src import variational
+
+N, B, DELTA = 500, 10, 0.3
+
+
+def _tx(**kw):
+    args = dict(num_data=N, batch_size=B, key=7, prior_precision=DELTA, b1=0.9)
+    return bj.scale_by_variational_sigma_filter(1e-2, **{**args, **kw})
+
+
+def _evidence_variance(grads, beta, unit_like):
+    """v_t = 1/(N (B ŝ_t + δ)) after the gradients, transcribed in float64."""
+    s = 0.0
+    for g in grads:
+        s = beta * s + (1 - beta) * g * g
+    t = len(grads)
+    s_hat = s * (B / (1 - power(beta, t, unit_like)))
+    return 1 / (N * (s_hat + DELTA))
+
+
+@pytest.mark.parametrize("beta", [0.999, 0.9])
+def test_sampled_variance_matches_formula_float64(x64, rng, beta):
+    grads = grad_stream(rng, steps=25)
+    tx = _tx(beta=beta)
+    state = tx.init(jnp.zeros(5))
+    v0 = np.asarray(bj.posterior_variance(state))
+    check(v0, 1 / (N * (track(np.zeros(5)) + DELTA)), "prior before any evidence")
+    for g in grads:
+        _, state = tx.update(jnp.asarray(g), state)
+    got = np.asarray(bj.posterior_variance(state))
+    tracked = track(grads)
+    want = _evidence_variance(tracked, beta, tracked[0])
+    check(got, want, "v")
+    # The bound is sharp enough to see a batch size of B + 1e-9·B or a δ off by 1e-9.
+    assert rejects(got, want * (1 + 1e-9))
+
+
+def test_reparam_curvature_matches_formula_float64(x64, rng):
+    gam, h0 = 0.9, 0.2
+    grads = grad_stream(rng, steps=15)
+    tx = _tx(curvature="reparam", hess_decay=gam, hess_init=h0)
+    state = tx.init(jnp.zeros(5))
+    h = track(np.full(5, h0))
+    for g in grads:
+        eps = np.asarray(variational.noise_tree(state))
+        v = 1 / (N * (h + DELTA))
+        h_hat = track(eps) * track(g) / np.sqrt(v)
+        h = gam * h + (1 - gam) * h_hat + 0.5 * (1 - gam) ** 2 * (h - h_hat) ** 2 / (h + DELTA)
+        _, state = tx.update(jnp.asarray(g), state)
+        check(np.asarray(state.hess), h, "h")
+    check(np.asarray(bj.posterior_variance(state)), 1 / (N * (h + DELTA)), "v")
+
+
+def test_mean_step_is_the_sigma_filter_and_infinite_data_is_no_noise(rng):
+    """Given the gradients, the update is exactly sigma_filter's; N → ∞ samples the mean."""
+    grads = grad_stream(rng, steps=20, dtype=np.float32)
+    params = jnp.array([-1.0, -0.5, 0.25, 0.5, 1.0])  # nonzero: √v·ε ≈ 3e-15 is below half an ulp
+    vtx = bj.variational_sigma_filter(1e-2, N, B, key=3)
+    ftx = bj.sigma_filter(1e-2, b1=0.9)
+    vs, fs = vtx.init(params), ftx.init(params)
+    for g in grads:
+        uv, vs = vtx.update(jnp.asarray(g), vs, params)
+        uf, fs = ftx.update(jnp.asarray(g), fs, params)
+        np.testing.assert_array_equal(np.asarray(uv), np.asarray(uf))
+    huge = bj.variational_sigma_filter(1e-2, 1e30, B, key=3)
+    s = huge.init(params)
+    np.testing.assert_array_equal(np.asarray(bj.training_sample(params, s)), np.asarray(params))
+
+
+def test_noise_statistics():
+    """(θ̃ − θ̄)/√v is standard normal and fresh every step."""
+    params = {"a": jnp.zeros((300, 200)), "b": jnp.ones(40_000)}
+    tx = bj.variational_sigma_filter(1e-2, N, B, key=11)
+    state = tx.init(params)
+    z_prev = None
+    for _ in range(3):
+        sample = bj.training_sample(params, state)
+        var = bj.posterior_variance(state)
+        z = np.concatenate(
+            [
+                np.ravel((np.asarray(sample[k]) - np.asarray(params[k])) / np.sqrt(var[k]))
+                for k in params
+            ]
+        ).astype(np.float64)
+        n = z.size
+        # Sampling error: mean within 5 standard errors 1/√n, variance within 5
+        # relative standard deviations √(2/(n−1)), plus the float32 rounding of
+        # θ̄ + √v·ε and its division (a few ulp of |θ̄|/√v, 1 for the "b" leaf).
+        rounding = 8 * U32 * np.sqrt(1 / np.min(np.asarray(var["b"])))
+        assert abs(z.mean()) <= 5 / np.sqrt(n) + rounding
+        assert abs(z.var() - 1) <= 5 * np.sqrt(2 / (n - 1)) + 2 * rounding
+        if z_prev is not None:  # successive steps independent: correlation within 5/√n
+            assert abs(np.mean(z * z_prev)) <= 5 / np.sqrt(n) + rounding
+        z_prev = z
+        grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
+        _, state = tx.update(grads, state, params)
+
+
+def test_keys_same_key_same_sample_and_checkpoint_resumes(tmp_path):
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.zeros(3)}
+    grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+
+    def run(key, steps):
+        tx = bj.variational_sigma_filter(1e-2, N, B, key=key)
+        s = tx.init(params)
+        for _ in range(steps):
+            _, s = tx.update(grads, s, params)
+        return tx, s
+
+    _, a = run(5, 2)
+    _, b = run(jax.random.key(5), 2)
+    _, raw = run(jax.random.key_data(jax.random.key(5)), 2)
+    _, other = run(6, 2)
+    sa = bj.training_sample(params, a)
+    for s in (b, raw):
+        for x, y in zip(
+            jax.tree.leaves(sa), jax.tree.leaves(bj.training_sample(params, s)), strict=True
+        ):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert not np.array_equal(
+        np.asarray(sa["w"]), np.asarray(bj.training_sample(params, other)["w"])
+    )
+    # the next draw differs from this one (the stream advances with the count)
+    tx, s3 = run(5, 3)
+    assert not np.array_equal(np.asarray(sa["w"]), np.asarray(bj.training_sample(params, s3)["w"]))
+    # a state saved and loaded draws the same sample and continues the same stream
+    bj.save_npz(tmp_path / "s.npz", a)
+    back = bj.load_npz(tmp_path / "s.npz", tx.init(params))
+    np.testing.assert_array_equal(
+        np.asarray(bj.training_sample(params, back)["w"]), np.asarray(sa["w"])
+    )
+    _, back = tx.update(grads, back, params)
+    np.testing.assert_array_equal(
+        np.asarray(bj.training_sample(params, back)["w"]),
+        np.asarray(bj.training_sample(params, s3)["w"]),
+    )
+
+
+def _step_fn(tx, loss, axis_name=None):
+    def step(p, s, x, y):
+        sample = bj.training_sample(p, s)
+        g = jax.grad(loss)(sample, x, y)
+        if axis_name is not None:
+            g = jax.lax.pmean(g, axis_name)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, sample
+
+    return step
+
+
+def _loss(p, x, y):
+    return jnp.mean((jnp.tanh(x @ p["w"]) @ p["v"] - y) ** 2)
+
+
+def test_pmap_replicas_draw_the_same_sample_and_stay_identical(rng):
+    n_dev = 8
+    params = {"w": jnp.asarray(rng.normal(size=(4, 6)), jnp.float32), "v": jnp.ones(6)}
+    tx = bj.variational_sigma_filter(1e-2, 64, 8, key=1)
+    p = jax.tree.map(lambda a: jnp.broadcast_to(a, (n_dev, *a.shape)), params)
+    s = jax.pmap(tx.init)(p)
+    step = jax.pmap(_step_fn(tx, _loss, "i"), axis_name="i")
+    single_sample = jax.jit(bj.training_sample)
+    for _ in range(4):
+        x = jnp.asarray(rng.normal(size=(n_dev, 8, 4)), jnp.float32)
+        y = jnp.asarray(rng.normal(size=(n_dev, 8)), jnp.float32)
+        want = single_sample(jax.tree.map(lambda a: a[0], p), jax.tree.map(lambda a: a[0], s))
+        p, s, sample = step(p, s, x, y)
+        for leaf, w in zip(jax.tree.leaves(sample), jax.tree.leaves(want), strict=True):
+            leaf = np.asarray(leaf)
+            assert all(np.array_equal(leaf[0], leaf[r]) for r in range(n_dev))
+            np.testing.assert_array_equal(leaf[0], np.asarray(w))
+        for leaf in jax.tree.leaves((p, s)):
+            leaf = np.asarray(leaf)
+            assert all(np.array_equal(leaf[0], leaf[r]) for r in range(n_dev))
+
+
+def test_sharded_jit_sample_does_not_depend_on_layout(rng):
+    mesh = mesh_4x2()
+    P = jax.sharding.PartitionSpec
+    shard = {"w": P("data", "model"), "v": P("model")}
+    params = {"w": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32), "v": jnp.ones(6)}
+    placed = jax.tree.map(
+        lambda a, spec: jax.device_put(a, jax.sharding.NamedSharding(mesh, spec)), params, shard
+    )
+    tx = bj.variational_sigma_filter(1e-2, 64, 8, key=2)
+    s_placed = jax.jit(tx.init)(placed)
+    x = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+
+    def loss(p, x, y):
+        return jnp.mean((jnp.tanh(x @ p["w"]) * p["v"] - y) ** 2)
+
+    step = jax.jit(_step_fn(tx, loss))
+    sample = jax.jit(bj.training_sample)
+    for _ in range(3):
+        # the same state, once laid out over the mesh and once on one device
+        local = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), (placed, s_placed))
+        a, b = sample(placed, s_placed), sample(*local)
+        for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(w))
+        placed, s_placed, _ = step(placed, s_placed, x, y)
+    assert placed["w"].sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, shard["w"]), 2)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda tx: optax.chain(optax.clip(1.0), tx),
+        lambda tx: optax.apply_if_finite(tx, 3),
+        lambda tx: optax.MultiSteps(tx, 2),
+        lambda tx: optax.masked(tx, {"w": True, "b": False}),
+    ],
+    ids=["chain", "apply_if_finite", "multisteps", "masked"],
+)
+def test_found_through_wrappers(wrap):
+    params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    tx = wrap(bj.variational_sigma_filter(1e-2, N, B, key=0))
+    state = tx.init(params)
+    grads = {"w": jnp.full(3, 0.5), "b": jnp.full(2, 0.25)}
+    for _ in range(2):
+        sample = bj.training_sample(params, state)
+        _, state = tx.update(grads, state, params)
+    var = bj.posterior_variance(state)
+    for k in params:
+        if isinstance(var[k], optax.MaskedNode):
+            np.testing.assert_array_equal(np.asarray(sample[k]), np.asarray(params[k]))
+        else:
+            assert not np.array_equal(np.asarray(sample[k]), np.asarray(params[k]))
+            assert var[k].shape == params[k].shape
+    draws = bj.sample_posterior(jax.random.key(0), params, state, num_samples=3)
+    assert draws["w"].shape == (3, 3)
+
+
+def test_bad_arguments_name_the_argument():
+    f = bj.variational_sigma_filter
+    for kwargs, arg in [
+        (dict(num_data=0, batch_size=1), "num_data"),
+        (dict(num_data=10, batch_size=0), "batch_size"),
+        (dict(num_data=10), "batch_size"),
+        (dict(num_data=10, batch_size=1, prior_precision=0.0), "prior_precision"),
+        (dict(num_data=10, batch_size=1, curvature="hessian"), "curvature"),
+        (dict(num_data=10, batch_size=1, hess_decay=1.0), "hess_decay"),
+        (dict(num_data=10, batch_size=1, key=jnp.zeros(3)), "key"),
+        (dict(num_data=10, batch_size=1, key=jax.random.split(jax.random.key(0), 2)), "key"),
+    ]:
+        with pytest.raises(ValueError, match=arg):
+            f(1e-2, **kwargs)
+    f(1e-2, 10, curvature="reparam")  # no batch size needed there
+    plain = bj.sigma_filter(1e-2)
+    with pytest.raises(ValueError, match="variational_sigma_filter"):
+        bj.training_sample(jnp.zeros(2), plain.init(jnp.zeros(2)))
+    with pytest.raises(ValueError, match="scale=1"):
+        bj.laplace_scale(f(1e-2, 10, 1).init(jnp.zeros(2)), 10, 1, prior_precision=1.0)
+    with pytest.raises(ValueError, match="real floating"):
+        f(1e-2, 10, 1).init(jnp.zeros(2, jnp.complex64))
+
+
+def test_nnx_helper_equals_the_plain_loop():
+    from flax import nnx
+
+    from bayesopt_jax.nnx import value_and_grad_at_sample
+
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    tx = bj.variational_sigma_filter(1e-2, num_data=64, batch_size=8, key=3)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x = jnp.arange(24.0).reshape(8, 3) / 10
+    y = jnp.ones((8, 2))
+    params = {"kernel": model.kernel[...], "bias": model.bias[...]}
+    state = tx.init(params)
+
+    def train_step(model, optimizer):  # eager like the loop below (nnx.jit: the docstring)
+        loss, grads = value_and_grad_at_sample(lambda m: ((m(x) - y) ** 2).mean(), model, optimizer)
+        optimizer.update(model, grads)
+        return loss
+
+    def loss(p):
+        return ((x @ p["kernel"] + p["bias"] - y) ** 2).mean()
+
+    for _ in range(5):
+        got = train_step(model, optimizer)
+        sample = bj.training_sample(params, state)
+        want, g = jax.value_and_grad(loss)(sample)
+        u, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, u)
+        # the same operations, both run eagerly: bit-identical
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(model.kernel[...]), np.asarray(params["kernel"]))
+    np.testing.assert_array_equal(np.asarray(model.bias[...]), np.asarray(params["bias"]))
+
+
+def test_bayesian_linear_regression_posterior(x64):
+    r"""A linear-Gaussian model, whose posterior is Gaussian and known exactly.
+
+    Data: N = 200 examples, 3 features of scales 0.5, 1, 2, noise sd τ = 0.5,
+    per-example loss :math:`(y_i - x_i^\top\theta)^2/(2\tau^2)` averaged over
+    batches of B = 10 drawn with replacement, prior precision Nδ (δ = 1e-4).
+    The exact posterior has precision :math:`A = X^\top X/\tau^2 + N\delta I`
+    and mean :math:`A^{-1}X^\top y/\tau^2`; the best diagonal Gaussian (in
+    KL(q‖p)) has the same mean and variances :math:`1/A_{jj}`.
+
+    **Variance.** The filter's evidence estimates the second moment of the
+    batch gradient at the draws. Near the optimum that is
+    :math:`F/B + H V H` with F the per-example gradient covariance (the
+    empirical Fisher of the data at the mode) and V = diag(v), so the sampled
+    variance tends to :math:`v^\star = 1/(N(F_{jj} + B (HVH)_{jj} + \delta))`
+    — for this well-specified model F ≈ H and B(HVH)_jj ≈ B/N·H_jj, and
+    :math:`v^\star` is within a few percent of :math:`1/A_{jj}` (printed by the
+    assertion). Its fluctuation is that of an EMA with β = 0.999 (effective
+    sample size (1+β)/(1−β) = 1999) of squared near-Gaussian batch means
+    (relative variance 2 plus the excess kurtosis over B, ≤ 0.6 here): a
+    relative standard deviation √(2.6/1999) = 0.036. We allow 5 of them.
+
+    **Mean.** Linearised around the mode with the step sizes P = diag(σ)
+    held fixed, :math:`\bar\theta_{t+1} - \theta^\star = (I - PH)(\bar\theta_t
+    - \theta^\star) - P\xi_t` with noise covariance
+    :math:`Q = F/B + HVH`; the stationary covariance S solves the discrete
+    Lyapunov equation :math:`S = M S M^\top + P Q P`, M = I − PH. The update
+    applies no prior gradient, so θ⋆ is the maximum-likelihood estimate,
+    :math:`|\theta^\star - \mu|` computed exactly. Allowed: 5√S_jj +
+    |θ⋆ − μ|_j + the transient, bounded by the product over the steps of
+    :math:`\|I - P_t H\|_\infty` (H is diagonally dominant here) times
+    :math:`\|\theta^\star\|_\infty`.
+    """
+    from scipy.linalg import solve_discrete_lyapunov
+
+    n, d, b, tau, delta, eta, steps, beta = 200, 3, 10, 0.5, 1e-4, 5e-5, 120_000, 0.999
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(n, d)) * np.array([0.5, 1.0, 2.0])
+    y = X @ np.array([1.0, -2.0, 0.5]) + tau * rng.normal(size=n)
+    A = X.T @ X / tau**2 + n * delta * np.eye(d)
+    mu = np.linalg.solve(A, X.T @ y / tau**2)
+    H = X.T @ X / (n * tau**2)
+    mle = np.linalg.solve(X.T @ X, X.T @ y)
+    per_example = X * (y - X @ mle)[:, None] / tau**2
+    F = per_example.T @ per_example / n
+
+    tx = bj.scale_by_variational_sigma_filter(eta, n, b, key=0, prior_precision=delta, b1=0.0)
+    idx = jnp.asarray(np.random.default_rng(1).integers(0, n, size=(steps, b)))
+    Xj, yj = jnp.asarray(X), jnp.asarray(y)
+
+    def loss(th, i):
+        return jnp.mean((yj[i] - Xj[i] @ th) ** 2) / (2 * tau**2)
+
+    def body(carry, i):
+        p, s = carry
+        g = jax.grad(loss)(bj.training_sample(p, s), i)
+        u, s = tx.update(g, s, p)
+        return (p + u * -1.0, s), s.sigma
+
+    p0 = jnp.zeros(d)
+    (p, state), sigmas = jax.jit(lambda c: jax.lax.scan(body, c, idx))((p0, tx.init(p0)))
+    p, v = np.asarray(p), np.asarray(bj.posterior_variance(state))
+
+    V = np.diag(v)
+    v_star = 1 / (n * (np.diag(F) + b * np.diag(H @ V @ H) + delta))
+    exact = 1 / np.diag(A)
+    rel = np.abs(v / v_star - 1)
+    assert np.all(rel <= 5 * np.sqrt(2.6 / ((1 + beta) / (1 - beta)))), (v, v_star, exact)
+    # (and the diagonal of the exact posterior is within the Fisher/Hessian gap)
+    assert np.all(np.abs(v / exact - 1) <= np.abs(v_star / exact - 1) + 0.18), (v, exact)
+
+    P = np.diag(np.asarray(state.sigma))
+    M = np.eye(d) - P @ H
+    S = solve_discrete_lyapunov(M, P @ (F / b + H @ V @ H) @ P)
+    # Transient: e_{t+1} = (I - P_t H) e_t + noise; H is diagonally dominant
+    # here, so ‖I - P_t H‖_∞ = max_j 1 - σ_j (H_jj - Σ_{k≠j}|H_jk|) < 1 and
+    # the start's error decays at least like the product of these norms.
+    off = np.sum(np.abs(H), 1) - np.abs(np.diag(H))
+    norms = np.max(1 - np.asarray(sigmas) * (np.diag(H) - off), axis=1)
+    transient = np.exp(np.sum(np.log(norms))) * np.max(np.abs(mle))
+    allowed = 5 * np.sqrt(np.diag(S)) + np.abs(mle - mu) + transient
+    assert np.all(np.abs(p - mu) <= allowed), (p, mu, allowed, np.sqrt(exact))
+    # ... which is a small fraction of the posterior standard deviation: the
+    # mean is the posterior mean to within it (a wrong mean, e.g. the prior's
+    # pull missing or doubled with δ = 1, would be off by many of these).
+    assert np.all(allowed <= 0.6 * np.sqrt(exact)), (allowed, np.sqrt(exact))

@@ -124,6 +124,14 @@ OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation], int, int
     "bj.amsgrad": (lambda: bj.amsgrad(1e-3), 12, 44, "two-call"),
     "bj.sigma_filter": (lambda: bj.sigma_filter(1e-3), 8, 36, "two-call"),
     "bj.sigma_filter b1=0.9": (lambda: bj.sigma_filter(1e-3, b1=0.9), 12, 44, "two-call"),
+    # The variational mode's step includes the training-time draw
+    # θ̃ = θ + √v·ε (read θ and ν, write θ̃, plus one normal per parameter).
+    "bj.variational_sigma_filter + sample": (
+        lambda: bj.variational_sigma_filter(1e-3, num_data=10**6, batch_size=64),
+        12,
+        56,
+        "sample",
+    ),
     # Not an optimizer: the same call with the same (donated) buffers and no
     # arithmetic, i.e. what JAX's dispatch of this many arrays costs.
     "call floor (no math)": (lambda: bj.adam(1e-3), 8, 0, "floor"),
@@ -135,8 +143,10 @@ def time_jax(make_tx, params, grads, repeats: int, warmup: int = 3, how: str = "
 
     ``how``: ``"two-call"`` (``update`` + ``apply_updates``), ``"fused"``
     (:func:`bayesopt_jax.fused_step`), ``"pure"`` (two-call with the native
-    kernels switched off while tracing) or ``"floor"`` (returns the donated
-    parameters and state untouched).
+    kernels switched off while tracing), ``"sample"`` (two-call plus the
+    training-time draw :func:`bayesopt_jax.training_sample`, returned so that
+    it is computed, in the buffer the gradient came in) or ``"floor"``
+    (returns the donated parameters and state untouched).
     """
     tx = make_tx()
 
@@ -148,20 +158,36 @@ def time_jax(make_tx, params, grads, repeats: int, warmup: int = 3, how: str = "
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s
 
+    def sample_step(p, s, g):
+        drawn = bj.training_sample(p, s)
+        p, s = step(p, s, g)
+        return p, s, drawn
+
     params = jax.tree.map(jnp.copy, params)
     state = jax.jit(tx.init)(params)
     t0 = time.perf_counter()
+    if how == "sample":  # the draw lands in the donated gradient buffer, as in a real step
+        grads = jax.tree.map(jnp.copy, grads)
+        fn = jax.jit(sample_step, donate_argnums=(0, 1, 2))
+    else:
+        fn = jax.jit(step, donate_argnums=(0, 1))
     with native.pure_jax() if how == "pure" else contextlib.nullcontext():
-        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+        compiled = fn.lower(params, state, grads).compile()
     compile_s = time.perf_counter() - t0
+
+    def call(params, state, grads):
+        if how == "sample":
+            return compiled(params, state, grads)
+        return (*compiled(params, state, grads), grads)
+
     for _ in range(warmup):
-        params, state = compiled(params, state, grads)
+        params, state, grads = call(params, state, grads)
     jax.block_until_ready((params, state))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        params, state = compiled(params, state, grads)
-        jax.block_until_ready((params, state))
+        params, state, grads = call(params, state, grads)
+        jax.block_until_ready((params, state, grads))
         times.append(time.perf_counter() - t0)
     return statistics.median(times), compile_s
 

@@ -206,8 +206,13 @@ def scale_by_variational_sigma_filter(
         ``"reparam"`` (one more buffer).
       hess_decay: γ in [0, 1) for ``curvature="reparam"``.
       hess_init: :math:`h_0 \ge 0` for ``curvature="reparam"``.
-      beta, b1, sigma_init, bias_correction, eps, sigma_max, max_ratio: as in
-        :func:`scale_by_sigma_filter`.
+      beta: decay of the evidence EMA, in [0, 1).
+      b1: decay of the gradient EMA (0.9: an Adam-like direction).
+      sigma_init: initial σ, or ``None`` for the fixed point of the first evidence.
+      bias_correction: debias the EMAs.
+      eps: evidence floor > 0.
+      sigma_max: optional absolute cap on σ.
+      max_ratio: optional cap σ ≤ κ·σ*(ŝ) (see :func:`scale_by_sigma_filter`).
 
     Returns:
       An ``optax.GradientTransformation`` with state

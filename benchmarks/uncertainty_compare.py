@@ -450,6 +450,7 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=None, help="override (30 digits, 15 MNIST)")
     ap.add_argument("--no-tune", dest="tune", action="store_false")
     ap.add_argument(
         "--tune-splits",
@@ -463,10 +464,13 @@ def main(argv=None):
     fixed = json.loads(args.configs.read_text()) if args.configs else {}
     report = {"machine": _machine(), "args": {k: str(v) for k, v in vars(args).items()}}
     for name in args.data:
-        data0 = LOADERS[name](0)
+        load = LOADERS[name]
+        if args.epochs is not None:
+            load = lambda seed, load=load: {**load(seed), "epochs": args.epochs}  # noqa: E731
+        data0 = load(0)
         ood_names = list(data0["ood"])
         n_tune = args.tune_splits or TUNE_SPLITS[name]
-        splits = [data0] + [LOADERS[name](k) for k in range(1, n_tune)]
+        splits = [data0] + [load(k) for k in range(1, n_tune)]
         cfgs = {}
         for m in args.methods:
             if m in fixed.get(name, {}):
@@ -482,7 +486,7 @@ def main(argv=None):
         rows: dict = {}
         seconds: dict = {m: [] for m in args.methods}
         for seed in range(args.seeds):
-            data = data0 if seed == 0 else LOADERS[name](seed)
+            data = data0 if seed == 0 else load(seed)
             for m in args.methods:
                 preds, sec = run(m, cfgs[m], data, seed, args)
                 seconds[m].append(sec)

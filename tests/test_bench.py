@@ -5,7 +5,11 @@ import json
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks" / "bench.py"
 
 
 def test_bench_harness_smoke(tmp_path):
@@ -25,3 +29,42 @@ def test_bench_harness_smoke(tmp_path):
         assert r["roofline_fraction"] is None or r["roofline_fraction"] > 0, name
         assert abs(r["vs_optax"] - r["step_s"] / rows["optax.adam"]["step_s"]) < 1e-12
     assert report["roofline_bytes_per_s"] > 0
+
+
+def test_uncertainty_compare_smoke(tmp_path):
+    """The comparison harness end to end on digits (JAX methods; IVON when installed)."""
+    pytest.importorskip("sklearn")
+    spec = importlib.util.spec_from_file_location(
+        "uncertainty_compare", ROOT / "benchmarks" / "uncertainty_compare.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    methods = ["adam", "vsf-default", "sf"]
+    try:
+        import ivon  # noqa: F401
+
+        methods.append("ivon")
+    except ImportError:
+        pass
+    report = mod.main(
+        ["--data", "digits", "--seeds", "2", "--epochs", "2", "--samples", "4", "--no-tune",
+         "--methods", *methods, "--out", str(tmp_path)]
+    )  # fmt: skip
+    rows = report["digits"]["per_seed"]
+    assert set(rows) == {"adam/mean"} | {
+        f"{m}/{p}" for m in methods[1:] for p in ("mean", "average")
+    }
+    for per_seed in rows.values():
+        assert len(per_seed) == 2
+        for r in per_seed:
+            assert np.isfinite(r["nll"]) and all(
+                0 <= r[k] <= 1 for k in ("acc", "ece", "auroc_noise")
+            )
+    assert set(report["digits"]["paired"]) == set(methods[1:])
+    assert (tmp_path / "results.json").exists()
+    # The AUROC is the Mann-Whitney statistic: check it against its definition.
+    # Both sides sum 2000 terms in [0, 1] in float64: within 2000·2⁻⁵³ < 1e-12.
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=50), rng.normal(0.5, 1, size=40)
+    want = np.mean((b[None, :] > a[:, None]) + 0.5 * (b[None, :] == a[:, None]))
+    assert abs(mod.auroc(a, b) - want) <= 1e-12

@@ -380,9 +380,11 @@ SMALL_GRIDS = {
     "adam": GRIDS["adam"],
     "vsf-default": GRIDS["vsf-default"],
     "adamw": [{"lr": lr, "wd": wd} for lr in (1e-3, 3e-3) for wd in (1e-4, 1e-1)],
-    "vsf": [{"eta": e, "delta": d} for e in (1e-2, 3e-2) for d in (0.5, 2.0)],
-    "vsf-reparam": [{"eta": e, "delta": d, "h0": 0.5} for e in (1e-2, 3e-2) for d in (0.5, 2.0)],
-    "sf": [{"eta": e, "delta": d} for e in (1e-2, 3e-2) for d in (0.5, 2.0)],
+    "vsf": [{"eta": e, "delta": d} for e in (3e-3, 1e-2, 3e-2) for d in (0.5, 2.0)],
+    "vsf-reparam": [
+        {"eta": e, "delta": d, "h0": 0.5} for e in (3e-3, 1e-2, 3e-2) for d in (0.5, 2.0)
+    ],
+    "sf": [{"eta": e, "delta": d} for e in (3e-3, 1e-2, 3e-2) for d in (0.5, 2.0)],
     "ivon": [
         {"lr": lr, "h0": h0, "wd": 1e-4, "beta2": b2}
         for lr in (0.05, 0.1, 0.2)
@@ -445,7 +447,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", nargs="+", default=["digits", "mnist"], choices=list(LOADERS))
     ap.add_argument(
-        "--methods", nargs="+", default=["adam", "adamw", "vsf", "sf", "vsf-reparam", "ivon"]
+        "--methods",
+        nargs="+",
+        default=["adam", "adamw", "vsf-default", "vsf", "sf", "vsf-reparam", "ivon"],
     )
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--samples", type=int, default=32)

@@ -11,6 +11,10 @@ For each parameter tree it measures, in the same run:
   warm-up; and the compile time of that function;
 * ``torch.optim.Adam`` with ``fused=True`` and with ``foreach=True`` on the
   same shapes (when PyTorch is installed);
+* the first ``init`` on 300 one-dimensional float32 leaves of sizes never
+  seen before in the process (3M or more parameters; ``--init-arrays``),
+  eagerly, under ``jax.jit`` (compile included) and on
+  ``jax.ShapeDtypeStruct`` leaves, against ``optax.adam``'s;
 * the machine's streaming bandwidth on the largest tree: the best of
   several in-place kernels (XLA's and the native library's triad
   ``x ← a·x + y``, 12 bytes per element, and both with the fused Adam
@@ -250,6 +254,62 @@ def bandwidth(n: int, repeats: int) -> dict[str, float]:
     return out
 
 
+# --------------------------------------------------------------------------
+# the first init
+# --------------------------------------------------------------------------
+
+_next_size = [10_007]  # every call below uses sizes this process has never seen
+
+
+def _fresh_params(arrays: int) -> dict:
+    """``arrays`` one-dimensional float32 leaves of new distinct sizes (3M or more for 300)."""
+    start = _next_size[0]
+    _next_size[0] += arrays
+    # device_put of NumPy zeros compiles nothing, so no shape is "seen" before the timed init.
+    return {f"p{i:04d}": jax.device_put(np.zeros(start + i, np.float32)) for i in range(arrays)}
+
+
+INIT_OPTIMIZERS = {
+    "optax.adam": lambda: optax.adam(1e-3),
+    "bj.adam": lambda: bj.adam(1e-3),
+    "optax.rmsprop": lambda: optax.rmsprop(1e-3),
+    "bj.rmsprop": lambda: bj.rmsprop(1e-3),
+    "bj.sigma_filter": lambda: bj.sigma_filter(1e-3, b1=0.9),
+}
+
+
+def first_init(arrays: int, repeats: int = 3) -> dict:
+    """Seconds of a first ``init`` on ``arrays`` never-seen shapes: eagerly, under jit, abstract.
+
+    Each measurement gets its own new shapes, so nothing is cached from an
+    earlier one; the median of ``repeats`` is reported, with the ratio to
+    ``optax.adam`` measured the same way in the same run.
+    """
+
+    def once(make_tx, mode):
+        params = _fresh_params(arrays)
+        tx = make_tx()
+        if mode == "abstract":
+            params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+        init = jax.jit(tx.init) if mode == "jit" else tx.init
+        t0 = time.perf_counter()
+        state = init(params)
+        jax.block_until_ready(state)
+        return time.perf_counter() - t0
+
+    out = {}
+    for mode in ("eager", "jit", "abstract"):
+        times = {name: [] for name in INIT_OPTIMIZERS}
+        for _ in range(repeats):  # interleaved, so drifts hit every optimizer alike
+            for name, make_tx in INIT_OPTIMIZERS.items():
+                times[name].append(once(make_tx, mode))
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        out[mode] = {
+            name: {"s": t, "vs_optax_adam": t / med["optax.adam"]} for name, t in med.items()
+        }
+    return out
+
+
 def sweep(repeats: int, have_torch: bool, out: Path) -> dict:
     """Step time against parameter count (one array) and against array count (2,048 each)."""
     names = ["optax.adam", "bj.adam", "bj.adam fused_step", "bj.adam pure JAX"]
@@ -300,6 +360,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--json", type=Path, default=Path("outputs/benchmarks/bench.json"))
+    ap.add_argument(
+        "--init-arrays",
+        type=int,
+        default=300,
+        help="time the first init on this many never-seen shapes (0: skip)",
+    )
     ap.add_argument(
         "--sweep",
         type=Path,
@@ -410,6 +476,20 @@ def main(argv: list[str] | None = None) -> dict:
             "bandwidth_bytes_per_s": tree_peak,
             "bandwidth_from": peak_from,
         }
+
+    if args.init_arrays:
+        report["first_init"] = first_init(args.init_arrays)
+        print(f"\nfirst init on {args.init_arrays} never-seen shapes (median of 3)")
+        print(
+            f"{'optimizer':<18} "
+            + " ".join(f"{m + ' s':>10} {'vs optax':>8}" for m in report["first_init"])
+        )
+        for name in INIT_OPTIMIZERS:
+            cells = [report["first_init"][m][name] for m in report["first_init"]]
+            print(
+                f"{name:<18} "
+                + " ".join(f"{c['s']:>10.3f} {c['vs_optax_adam']:>8.2f}" for c in cells)
+            )
 
     if args.sweep is not None:
         args.sweep.parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ def optimizer_zoo(lr: float, state_dtype=None) -> dict[str, optax.GradientTransf
         "amsgrad": bj.amsgrad(lr, **dt),
         "adamax": bj.adamax(2 * lr),
         "rmsprop": bj.rmsprop(lr, decay=0.99),
-        "adagrad": bj.adagrad(10 * lr),
+        "adagrad": bj.adagrad(30 * lr),
     }
     if hasattr(bj, "sigma_filter"):
         zoo["sigma_filter"] = bj.sigma_filter(lr, b1=0.9)

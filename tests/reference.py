@@ -51,7 +51,14 @@ def amsgrad(grads, *args, **kwargs):
 
 
 def amsgrad_steps(
-    grads, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, max_of="raw", bias_correction=True
+    grads,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    eps_root=0.0,
+    max_of="corrected",
+    bias_correction_mu=True,
+    bias_correction_nu=True,
 ):
     """Yields the updates one step at a time (``grads`` may be fed lazily)."""
     m = np.zeros_like(grads[0])
@@ -60,16 +67,13 @@ def amsgrad_steps(
     for t, g in enumerate(grads, start=1):
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        if not bias_correction:
-            vmax = np.maximum(vmax, v)
-            yield m / (np.sqrt(vmax + eps_root) + eps)
-            continue
-        m_hat = m / (1 - power(b1, t, g))
+        m_hat = m / (1 - power(b1, t, g)) if bias_correction_mu else m
+        c = 1 - power(b2, t, g) if bias_correction_nu else 1.0
         if max_of == "raw":
             vmax = np.maximum(vmax, v)
-            denom = np.sqrt(vmax / (1 - power(b2, t, g)) + eps_root) + eps
+            denom = np.sqrt(vmax / c + eps_root) + eps
         else:
-            vmax = np.maximum(vmax, v / (1 - power(b2, t, g)))
+            vmax = np.maximum(vmax, v / c)
             denom = np.sqrt(vmax + eps_root) + eps
         yield m_hat / denom
 
@@ -94,9 +98,17 @@ def rms(grads, *args, **kwargs):
     return list(rms_steps(grads, *args, **kwargs))
 
 
-def rms_steps(grads, decay=0.9, eps=1e-8, eps_in_sqrt=False, bias_correction=False, centered=False):
+def rms_steps(
+    grads,
+    decay=0.9,
+    eps=1e-8,
+    eps_in_sqrt=False,
+    bias_correction=False,
+    centered=False,
+    initial_scale=0.0,
+):
     """Yields the updates one step at a time (``grads`` may be fed lazily)."""
-    v = np.zeros_like(grads[0])
+    v = np.full_like(grads[0], initial_scale)
     m = np.zeros_like(grads[0])
     for t, g in enumerate(grads, start=1):
         v = decay * v + (1 - decay) * g * g
@@ -114,12 +126,20 @@ def rss(grads, *args, **kwargs):
     return list(rss_steps(grads, *args, **kwargs))
 
 
-def rss_steps(grads, initial_accumulator_value=0.0, eps=1e-10):
-    """Yields the updates one step at a time (``grads`` may be fed lazily)."""
+def rss_steps(grads, initial_accumulator_value=0.0, eps=1e-10, eps_in_sqrt=False):
+    """Yields the updates one step at a time (``grads`` may be fed lazily).
+
+    ``eps_in_sqrt=True`` is Optax's convention: ``g / sqrt(a + eps)``, and 0 where ``a`` is 0.
+    """
     a = np.full_like(np.real(grads[0]), initial_accumulator_value)
     for g in grads:
         a = a + _sq(g)
-        yield g / (np.sqrt(a) + eps)
+        if eps_in_sqrt:
+            # Where a = 0 exactly, g = 0 too: the 1 added there only avoids 0/0.
+            empty = (np.asarray(getattr(a, "value", a)) == 0).astype(np.float64)
+            yield g / np.sqrt(a + eps + empty)
+        else:
+            yield g / (np.sqrt(a) + eps)
 
 
 def sigma_filter(

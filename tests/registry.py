@@ -17,19 +17,27 @@ OPTIMIZERS = {
         dict(learning_rate=1e-2, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, weight_decay=1e-2),
     ),
     "amsgrad": (bj.amsgrad, dict(learning_rate=1e-2, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0)),
-    "amsgrad_corrected": (
-        functools.partial(bj.amsgrad, max_of="corrected"),
+    "amsgrad_raw": (
+        functools.partial(bj.amsgrad, max_of="raw"),
         dict(learning_rate=1e-2, b1=0.9, b2=0.999, eps=1e-8),
     ),
     "amsgrad_reddi": (
-        functools.partial(bj.amsgrad, bias_correction=False),
+        functools.partial(bj.amsgrad, bias_correction_mu=False, bias_correction_nu=False),
         dict(learning_rate=1e-2, b1=0.9, b2=0.999, eps=1e-8),
     ),
     "adamax": (bj.adamax, dict(learning_rate=2e-3, b1=0.9, b2=0.999, eps=1e-8)),
-    "adagrad": (bj.adagrad, dict(learning_rate=1e-2, initial_accumulator_value=0.1, eps=1e-10)),
-    "rmsprop": (bj.rmsprop, dict(learning_rate=1e-2, decay=0.99, eps=1e-8, momentum=0.0)),
+    "adagrad": (bj.adagrad, dict(learning_rate=1e-2, initial_accumulator_value=0.1, eps=1e-7)),
+    "adagrad_torch": (
+        functools.partial(bj.adagrad, eps_in_sqrt=False),
+        dict(learning_rate=1e-2, initial_accumulator_value=0.0, eps=1e-10),
+    ),
+    "rmsprop": (bj.rmsprop, dict(learning_rate=1e-2, decay=0.9, eps=1e-8, initial_scale=0.0)),
+    "rmsprop_torch_momentum": (
+        functools.partial(bj.rmsprop, eps_in_sqrt=False),
+        dict(learning_rate=1e-2, decay=0.99, eps=1e-8, momentum=0.0),
+    ),
     "rmsprop_centered_momentum": (
-        functools.partial(bj.rmsprop, centered=True),
+        functools.partial(bj.rmsprop, centered=True, nesterov=True),
         dict(learning_rate=1e-2, decay=0.9, eps=1e-8, momentum=0.9),
     ),
     "sigma_filter": (bj.sigma_filter, dict(eta=1e-2, beta=0.999, eps=1e-16, max_ratio=2.0)),
@@ -56,3 +64,16 @@ def lr_name(name):
 def make(name, **overrides):
     factory, kwargs = OPTIMIZERS[name]
     return factory(**{**kwargs, **overrides})
+
+
+def momentum_after_lr(name):
+    """``(decay, nesterov)`` of a momentum applied after the learning rate, else None.
+
+    ``rmsprop`` follows Optax's chain ``(scale_by_rms, learning_rate, trace)``:
+    once the learning rate reaches 0 its steps decay with the trace instead of
+    vanishing.
+    """
+    factory, kwargs = OPTIMIZERS[name]
+    if "rmsprop" not in name or kwargs.get("momentum") is None:
+        return None
+    return kwargs["momentum"], getattr(factory, "keywords", {}).get("nesterov", False)

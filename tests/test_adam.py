@@ -39,26 +39,26 @@ def test_scale_by_adam_matches_reference(
     assert rejects(got, wrong)
 
 
-@pytest.mark.parametrize(
-    "max_of,bias_correction", [("raw", True), ("corrected", True), ("raw", False)]
-)
-def test_scale_by_amsgrad_three_conventions(x64, rng, max_of, bias_correction):
+@pytest.mark.parametrize("max_of", ["raw", "corrected"])
+@pytest.mark.parametrize("bc_mu,bc_nu", [(True, True), (False, False), (True, False)])
+def test_scale_by_amsgrad_conventions(x64, rng, max_of, bc_mu, bc_nu):
     # Large early gradients, then small ones: the running max matters.
     grads = grad_stream(rng, steps=40, scale=10.0) + grad_stream(rng, steps=160, scale=0.1)
-    tx = bj.scale_by_amsgrad(0.9, 0.99, 1e-8, max_of=max_of, bias_correction=bias_correction)
+    tx = bj.scale_by_amsgrad(0.9, 0.99, 1e-8, 0.0, None, bc_mu, bc_nu, max_of=max_of)
     got, _ = run_updates(tx, grads)
-    want = ref.amsgrad(track(grads), 0.9, 0.99, 1e-8, 0.0, max_of, bias_correction)
+    want = ref.amsgrad(track(grads), 0.9, 0.99, 1e-8, 0.0, max_of, bc_mu, bc_nu)
     check_trajectory(got, want)
     assert rejects(
-        got, ref.amsgrad(track(grads), 0.9, 0.99 + 1e-9, 1e-8, 0.0, max_of, bias_correction)
+        got, ref.amsgrad(track(grads), 0.9, 0.99 + 1e-9, 1e-8, 0.0, max_of, bc_mu, bc_nu)
     )
 
 
 def test_amsgrad_conventions_really_differ(x64, rng):
     grads = grad_stream(rng, steps=20, scale=10.0) + grad_stream(rng, steps=80, scale=0.1)
+    reddi = dict(bias_correction_mu=False, bias_correction_nu=False)
     outs = [
-        run_updates(bj.scale_by_amsgrad(max_of=m, bias_correction=bc), grads)[0][-1]
-        for m, bc in [("raw", True), ("corrected", True), ("raw", False)]
+        run_updates(bj.scale_by_amsgrad(**kw), grads)[0][-1]
+        for kw in [dict(max_of="raw"), dict(max_of="corrected"), reddi]
     ]
     for a, b in itertools.combinations(outs, 2):
         assert np.max(np.abs(a - b) / np.abs(b)) > 1e-3
@@ -80,26 +80,31 @@ def test_scale_by_rms_matches_reference(
     x64, rng, decay, eps, eps_in_sqrt, bias_correction, centered
 ):
     grads = grad_stream(rng, steps=100)
-    tx = bj.scale_by_rms(
-        decay, eps, eps_in_sqrt=eps_in_sqrt, bias_correction=bias_correction, centered=centered
-    )
+    init = 0.25 if decay == 0.9 else 0.0  # initial_scale is a real starting value
+    tx = bj.scale_by_rms(decay, eps, init, eps_in_sqrt, bias_correction, centered=centered)
     got, state = run_updates(tx, grads)
-    want = ref.rms(track(grads), decay, eps, eps_in_sqrt, bias_correction, centered)
+    want = ref.rms(track(grads), decay, eps, eps_in_sqrt, bias_correction, centered, init)
     # At t = 1 with centering and bias correction, v̂ - m̂² is 0 in exact
     # arithmetic: the bound then covers rounding noise divided by √eps.
     check_trajectory(got, want)
     assert rejects(
-        got, ref.rms(track(grads), decay + 1e-9, eps, eps_in_sqrt, bias_correction, centered)
+        got,
+        ref.rms(track(grads), decay + 1e-9, eps, eps_in_sqrt, bias_correction, centered, init),
     )
-    assert (state.mu is None) == (not centered)
+    # Optax's state classes: mu only when centered, count only with bias correction.
+    assert ("mu" in state._fields) == centered
+    assert ("count" in state._fields) == bias_correction
 
 
-@pytest.mark.parametrize("init,eps", [(0.0, 1e-10), (0.1, 1e-10), (1.0, 0.0)])
-def test_scale_by_rss_matches_reference(x64, rng, init, eps):
+@pytest.mark.parametrize("eps_in_sqrt", [True, False])
+@pytest.mark.parametrize("init,eps", [(0.0, 1e-10), (0.1, 1e-7), (1.0, 0.0)])
+def test_scale_by_rss_matches_reference(x64, rng, init, eps, eps_in_sqrt):
     grads = grad_stream(rng, steps=200)
-    got, _ = run_updates(bj.scale_by_rss(init, eps), grads)
-    check_trajectory(got, ref.rss(track(grads), init, eps))
-    assert rejects(got, ref.rss(track(grads), init + 1e-9, eps * (1 + 1e-3)))
+    if init == 0.0:  # a zero gradient on a fresh accumulator: Optax's 0, PyTorch's 0/eps
+        grads[0][0] = 0.0
+    got, _ = run_updates(bj.scale_by_rss(init, eps, eps_in_sqrt=eps_in_sqrt), grads)
+    check_trajectory(got, ref.rss(track(grads), init, eps, eps_in_sqrt))
+    assert rejects(got, ref.rss(track(grads), init + 1e-9, eps * (1 + 1e-3), eps_in_sqrt))
 
 
 def test_first_adam_step_is_sign_and_zero_gradient_is_zero():
@@ -126,7 +131,7 @@ def test_complex_parameters(x64, rng):
         assert np.all(np.isfinite(got[-1]))
     # RMS of a complex stream matches the |g|² transcription.
     got, _ = run_updates(bj.scale_by_rss(), grads, params)
-    check_trajectory(got, ref.rss(track(grads)))
+    check_trajectory(got, ref.rss(track(grads), 0.1, 1e-7, eps_in_sqrt=True))
 
 
 @pytest.mark.parametrize("param_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])

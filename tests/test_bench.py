@@ -18,7 +18,9 @@ def test_bench_harness_smoke(tmp_path):
     sys.modules["bench"] = bench
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    report = bench.main(["--trees", "tiny", "--repeats", "3", "--json", str(out)])
+    report = bench.main(
+        ["--trees", "tiny", "--repeats", "3", "--init-arrays", "4", "--json", str(out)]
+    )
     assert json.loads(out.read_text())["trees"]["tiny"]["params"] == 64 + 64 + 1
     rows = report["trees"]["tiny"]["rows"]
     assert set(bench.OPTIMIZERS) <= set(rows)
@@ -29,6 +31,11 @@ def test_bench_harness_smoke(tmp_path):
         assert r["roofline_fraction"] is None or r["roofline_fraction"] > 0, name
         assert abs(r["vs_optax"] - r["step_s"] / rows["optax.adam"]["step_s"]) < 1e-12
     assert report["roofline_bytes_per_s"] > 0
+    for mode, cells in report["first_init"].items():
+        assert set(cells) == set(bench.INIT_OPTIMIZERS), mode
+        for name, c in cells.items():
+            assert c["s"] > 0, (mode, name)
+            assert abs(c["vs_optax_adam"] - c["s"] / cells["optax.adam"]["s"]) < 1e-12
 
 
 def test_uncertainty_compare_smoke(tmp_path):

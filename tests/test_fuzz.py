@@ -115,10 +115,14 @@ def test_fuzz_amsgrad(problem, b1, b2, eps, convention):
     dtype, grads = problem
     bc = convention != "reddi"
     max_of = "raw" if convention == "reddi" else convention
-    tx = bj.scale_by_amsgrad(b1, b2, eps, max_of=max_of, bias_correction=bc)
+    tx = bj.scale_by_amsgrad(
+        b1, b2, eps, bias_correction_mu=bc, bias_correction_nu=bc, max_of=max_of
+    )
 
     def ref(gs):
-        return reference.amsgrad(gs, b1, b2, eps, max_of=max_of, bias_correction=bc)
+        return reference.amsgrad(
+            gs, b1, b2, eps, max_of=max_of, bias_correction_mu=bc, bias_correction_nu=bc
+        )
 
     _check(tx, dtype, grads, ref, dtype)
 
@@ -151,11 +155,11 @@ def test_fuzz_rms(problem, decay, eps, eps_in_sqrt, bias_correction):
 
 
 @SETTINGS
-@given(problems(), st.floats(0.0, 1.0), st.floats(1e-10, 1e-3))
-def test_fuzz_adagrad(problem, init, eps):
+@given(problems(), st.floats(0.0, 1.0), st.floats(1e-10, 1e-3), st.booleans())
+def test_fuzz_adagrad(problem, init, eps, eps_in_sqrt):
     dtype, grads = problem
-    tx = bj.scale_by_rss(init, eps)
-    _check(tx, dtype, grads, lambda gs: reference.rss(gs, init, eps), dtype)
+    tx = bj.scale_by_rss(init, eps, eps_in_sqrt=eps_in_sqrt)
+    _check(tx, dtype, grads, lambda gs: reference.rss(gs, init, eps, eps_in_sqrt), dtype)
 
 
 @SETTINGS

@@ -90,7 +90,7 @@ def test_zeros_like_keeps_sharding_under_jit():
     x = jax.device_put(jnp.ones((8, 4)), spec)
     z = jax.jit(moments.zeros_like)(x)
     assert z.sharding.is_equivalent_to(spec, 2)
-    state = jax.jit(bj.adam().init)({"w": x})
+    state = jax.jit(bj.adam(1e-3).init)({"w": x})
     for leaf in jax.tree.leaves(state[0].mu) + jax.tree.leaves(state[0].nu):
         assert leaf.sharding.is_equivalent_to(spec, 2)
 

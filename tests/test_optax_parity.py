@@ -1,8 +1,9 @@
-"""Where Optax implements the same algorithm, we follow the same trajectory.
+"""With Optax's arguments, every name we share with Optax follows Optax's trajectory.
 
-Where it does not (AdaGrad, RMSProp's default eps placement, AMSGrad's raw
-maximum), the test shows that the difference is real and comes from the
-documented convention alone.
+Both trajectories are checked against one float64 transcription of the
+update, within the rounding bound. Where a keyword selects PyTorch's
+convention instead (``eps_in_sqrt=False``, ``max_of="raw"``), the test shows
+that the difference is real.
 """
 
 import jax.numpy as jnp
@@ -17,12 +18,22 @@ from helpers import run_updates
 import bayesopt_jax as bj
 
 
-def _momentum(updates, mu):
+def _momentum(updates, mu, nesterov=False):
     trace, out = np.zeros_like(updates[0]), []
     for u in updates:
         trace = mu * trace + u
-        out.append(trace)
+        out.append(u + mu * trace if nesterov else trace)
     return out
+
+
+# A decay schedule whose values are exact in every precision, so that the
+# transcription can use them as numbers: 1/8, 1/16 from step 50, 1/32 from 120.
+_DECAY = optax.piecewise_constant_schedule(0.125, {50: 0.5, 120: 0.5})
+
+
+def _decay_at(t):
+    """The decay applied at the update with step count t (0-based)."""
+    return 0.125 * (0.5 if t >= 50 else 1.0) * (0.5 if t >= 120 else 1.0)
 
 
 # name: (ours, Optax's, the float64 transcription of the update before -lr,
@@ -43,8 +54,24 @@ SAME = {
         lambda: optax.adamw(1e-2, weight_decay=0.1),
         lambda g, p, d=0.0: [u + (0.1 + d) * p for u in ref.adam(g)],
     ),
-    "amsgrad_corrected": (
-        lambda: bj.amsgrad(1e-2, max_of="corrected"),
+    "adamw_scheduled_decay": (
+        lambda: bj.adamw(1e-2, weight_decay=_DECAY),
+        lambda: optax.adamw(1e-2, weight_decay=_DECAY),
+        lambda g, p, d=0.0: [u + (_decay_at(t) + d) * p for t, u in enumerate(ref.adam(g))],
+    ),
+    "adagrad": (
+        lambda: bj.adagrad(0.1),
+        lambda: optax.adagrad(0.1),
+        lambda g, p, d=0.0: ref.rss(g, 0.1 + d, 1e-7, eps_in_sqrt=True),
+        0.1,
+    ),
+    "amsgrad_reddi": (
+        lambda: bj.amsgrad(1e-2, bias_correction_mu=False, bias_correction_nu=False),
+        lambda: optax.amsgrad(1e-2, bias_correction_mu=False, bias_correction_nu=False),
+        lambda g, p, d=0.0: ref.amsgrad(g, 0.9, 0.999 + d, 1e-8, 0.0, "corrected", False, False),
+    ),
+    "amsgrad": (
+        lambda: bj.amsgrad(1e-2),
         lambda: optax.amsgrad(1e-2),
         lambda g, p, d=0.0: ref.amsgrad(g, 0.9, 0.999 + d, max_of="corrected"),
     ),
@@ -54,13 +81,20 @@ SAME = {
         lambda g, p, d=0.0: ref.adamax(g, 0.9 + d),
         2e-3,
     ),
-    "rmsprop_eps_in_sqrt": (
-        lambda: bj.rmsprop(1e-2, 0.9, 1e-8, eps_in_sqrt=True),
+    "rmsprop": (
+        lambda: bj.rmsprop(1e-2, 0.9, 1e-8),
         lambda: optax.rmsprop(1e-2, 0.9, 1e-8),
         lambda g, p, d=0.0: ref.rms(g, 0.9 + d, 1e-8, eps_in_sqrt=True),
     ),
-    "rmsprop_centered_momentum_eps_in_sqrt": (
-        lambda: bj.rmsprop(1e-2, 0.9, 1e-4, eps_in_sqrt=True, centered=True, momentum=0.9),
+    "rmsprop_all_options": (
+        lambda: bj.rmsprop(1e-2, 0.9, 1e-4, 0.5, False, False, 0.8, True, True),
+        lambda: optax.rmsprop(1e-2, 0.9, 1e-4, 0.5, False, False, 0.8, True, True),
+        lambda g, p, d=0.0: _momentum(
+            ref.rms(g, 0.9, 1e-4, False, True, False, 0.5 + d), 0.8, nesterov=True
+        ),
+    ),
+    "rmsprop_centered_momentum": (
+        lambda: bj.rmsprop(1e-2, 0.9, 1e-4, centered=True, momentum=0.9),
         lambda: optax.rmsprop(1e-2, 0.9, 1e-4, centered=True, momentum=0.9),
         lambda g, p, d=0.0: _momentum(
             ref.rms(g, 0.9, 1e-4, eps_in_sqrt=True, centered=True), 0.9 + d
@@ -87,8 +121,14 @@ def test_same_as_optax(x64, rng, name):
 @pytest.mark.parametrize(
     "ours,theirs",
     [
-        (lambda: bj.adagrad(0.1), lambda: optax.adagrad(0.1)),
-        (lambda: bj.rmsprop(1e-2, 0.9, 1e-2), lambda: optax.rmsprop(1e-2, 0.9, 1e-2)),
+        (
+            lambda: bj.adagrad(0.1, 0.0, 1e-2, eps_in_sqrt=False),
+            lambda: optax.adagrad(0.1, 0.0, 1e-2),
+        ),
+        (
+            lambda: bj.rmsprop(1e-2, 0.9, 1e-2, eps_in_sqrt=False),
+            lambda: optax.rmsprop(1e-2, 0.9, 1e-2),
+        ),
         (lambda: bj.amsgrad(1e-2, max_of="raw"), lambda: optax.amsgrad(1e-2)),
     ],
 )

@@ -29,6 +29,7 @@ BAD_VALUES = {
     "eps_root": [-1e-8, math.inf],
     "weight_decay": [-1e-4, math.nan],
     "initial_accumulator_value": [-0.1],
+    "initial_scale": [-0.1, math.nan],
     "max_ratio": [0.5, math.inf],
 }
 CASES = [
@@ -51,7 +52,7 @@ def test_every_bad_hyperparameter_is_rejected_at_construction(name, arg, bad):
         (bj.sigma_filter, dict(eta=1e-2, eps=0.0), "eps"),
         (bj.scale_by_sigma_filter_full, dict(eta=1e-2, sigma_init=-1.0), "sigma_init"),
         (bj.scale_by_sigma_filter_full, dict(eta=-1.0), "eta"),
-        (bj.amsgrad, dict(max_of="largest"), "max_of"),
+        (bj.amsgrad, dict(learning_rate=1e-3, max_of="largest"), "max_of"),
         (bj.scale_by_adam, dict(nu_dtype=jnp.int8), "nu_dtype"),
     ],
 )
@@ -293,10 +294,15 @@ def test_mismatched_trees_and_shapes_name_the_optimizer_leaf_and_shapes(name):
 
 
 def test_rmsprop_momentum_none_is_no_momentum_as_in_optax():
+    """``None`` (the default) has no buffer, ``0.0`` a zero-decay one: Optax's states, same steps."""
     params = jnp.ones(3)
     g = jnp.array([0.5, -1.0, 2.0])
     none, zero = bj.rmsprop(1e-2, momentum=None), bj.rmsprop(1e-2, momentum=0.0)
     a, sa = none.update(g, none.init(params), params)
     b, sb = zero.update(g, zero.init(params), params)
     np.testing.assert_array_equal(a, b)
-    assert jax.tree.structure(sa) == jax.tree.structure(sb)
+    for momentum, state in [(None, sa), (0.0, sb)]:
+        theirs = optax.rmsprop(1e-2, momentum=momentum).init(params)
+        assert jax.tree.structure(state) == jax.tree.structure(theirs)
+    injected = optax.inject_hyperparams(bj.rmsprop)(learning_rate=1e-2)
+    assert jax.tree.structure(injected.init(params).inner_state) == jax.tree.structure(sa)

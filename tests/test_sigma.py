@@ -363,7 +363,7 @@ def test_posterior_variance_found_through_wrappers(wrap):
 
 def test_posterior_variance_errors_without_filter():
     with pytest.raises(ValueError, match="found 0"):
-        bj.posterior_variance(bj.adam().init(jnp.zeros(2)))
+        bj.posterior_variance(bj.adam(1e-3).init(jnp.zeros(2)))
 
 
 def test_sample_posterior_moments():

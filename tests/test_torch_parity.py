@@ -108,7 +108,7 @@ CASES = {
     ),
     "adamw_amsgrad": (
         lambda lr: optax.chain(
-            bj.scale_by_amsgrad(0.9, 0.99, 1e-8),
+            bj.scale_by_amsgrad(0.9, 0.99, 1e-8, max_of="raw"),
             bj.add_decoupled_weight_decay(0.05),
             optax.scale_by_learning_rate(lr),
         ),
@@ -123,17 +123,19 @@ CASES = {
         2e-2,
     ),
     "adagrad": (
-        lambda lr: bj.adagrad(lr, initial_accumulator_value=0.1, eps=1e-10),
+        lambda lr: bj.adagrad(lr, initial_accumulator_value=0.1, eps=1e-10, eps_in_sqrt=False),
         lambda ps: torch.optim.Adagrad(ps, lr=0.1, initial_accumulator_value=0.1, eps=1e-10),
         0.1,
     ),
     "rmsprop": (
-        lambda lr: bj.rmsprop(lr, decay=0.99, eps=1e-8),
+        lambda lr: bj.rmsprop(lr, decay=0.99, eps=1e-8, eps_in_sqrt=False),
         lambda ps: torch.optim.RMSprop(ps, lr=1e-2, alpha=0.99, eps=1e-8),
         1e-2,
     ),
     "rmsprop_centered_momentum": (
-        lambda lr: bj.rmsprop(lr, decay=0.9, eps=1e-6, centered=True, momentum=0.9),
+        lambda lr: bj.rmsprop(
+            lr, decay=0.9, eps=1e-6, eps_in_sqrt=False, centered=True, momentum=0.9
+        ),
         lambda ps: torch.optim.RMSprop(
             ps, lr=5e-3, alpha=0.9, eps=1e-6, centered=True, momentum=0.9
         ),

@@ -1,19 +1,21 @@
 """The Adam family as Optax gradient transformations.
 
 Each factory validates its hyperparameters, then returns
-``optax.GradientTransformation(init, update)`` whose state is a NamedTuple with
-Optax's field names (``count``, ``mu``, ``nu``, ``nu_max``, ...). All
+``optax.GradientTransformation(init, update)``. Signatures, defaults and state
+classes are those of the Optax function of the same name; what is added
+(state dtypes, PyTorch's conventions) is keyword-only. All
 arithmetic happens per leaf in :func:`~bayesopt_jax._src.moments.compute_dtype`
 (at least float32); updates come out in the gradient's dtype, state in its own.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from optax._src import transform as _optax_transform
 
 from bayesopt_jax._src import moments, native, validation
 
@@ -86,18 +88,16 @@ def _native_moments(config, leaf, count, gs, ms, vs) -> list[tuple]:
     return native.on_cpu(kernel, pure, count, gs, ms, vs)
 
 
-class ScaleByAdamState(NamedTuple):
-    """State of :func:`scale_by_adam`.
-
-    Attributes:
-      count: number of updates so far (int32, saturating).
-      mu: EMA of gradients (dtype ``mu_dtype`` or the parameters').
-      nu: EMA of squared gradient magnitudes (real; ``nu_dtype`` or the parameters').
-    """
-
-    count: Array
-    mu: PyTree
-    nu: PyTree
+# Optax's own state classes: a state made here is interchangeable with one made
+# by the Optax function of the same name (``optax.tree.get``/``set``,
+# checkpoints, equality).
+ScaleByAdamState = optax.ScaleByAdamState
+ScaleByAmsgradState = optax.ScaleByAmsgradState
+ScaleByRmsState = optax.ScaleByRmsState
+ScaleByRssState = optax.ScaleByRssState
+# Optax does not export these two at the top level.
+_RmsWithCountState = _optax_transform.ScaleByRmsWithCountState
+_RStdDevWithCountState = _optax_transform.ScaleByRStdDevWithCountState
 
 
 def scale_by_adam(
@@ -105,10 +105,10 @@ def scale_by_adam(
     b2: float | Array = 0.999,
     eps: float | Array = 1e-8,
     eps_root: float | Array = 0.0,
-    *,
-    bias_correction: bool = True,
-    nesterov: bool = False,
     mu_dtype: Any = None,
+    *,
+    nesterov: bool = False,
+    bias_correction: bool = True,
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Adam's bias-corrected moment estimates.
@@ -131,13 +131,15 @@ def scale_by_adam(
       eps: added to the denominator outside the square root, >= 0.
       eps_root: added inside the square root, >= 0 (useful when
         differentiating through the update).
-      bias_correction: divide the moments by :math:`1-b^t`.
-      nesterov: use Nesterov's look-ahead first moment.
       mu_dtype: dtype of ``mu`` (default: the parameters').
-      nu_dtype: dtype of ``nu`` (default: the parameters' real dtype).
+      nesterov: use Nesterov's look-ahead first moment.
+      bias_correction: divide the moments by :math:`1-b^t` (keyword-only
+        addition; Optax always corrects).
+      nu_dtype: dtype of ``nu`` (keyword-only addition; default: the
+        parameters' real dtype).
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`.
+      An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -179,6 +181,7 @@ def scale_by_adam(
         )
 
     def update_fn(updates, state, params=None):
+        updates = moments.as_arrays(updates)
         del params
         moments.check_tree_match("scale_by_adam", updates, state.mu, "mu")
         count = optax.safe_increment(state.count)
@@ -202,23 +205,6 @@ def scale_by_adam(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-class ScaleByAmsgradState(NamedTuple):
-    """State of :func:`scale_by_amsgrad`.
-
-    Attributes:
-      count: number of updates so far (int32, saturating).
-      mu: EMA of gradients.
-      nu: EMA of squared gradient magnitudes.
-      nu_max: running maximum of ``nu`` (``max_of="raw"``) or of its
-        bias-corrected value (``max_of="corrected"``).
-    """
-
-    count: Array
-    mu: PyTree
-    nu: PyTree
-    nu_max: PyTree
-
-
 _MAX_OF = ("raw", "corrected")
 
 
@@ -227,40 +213,44 @@ def scale_by_amsgrad(
     b2: float | Array = 0.999,
     eps: float | Array = 1e-8,
     eps_root: float | Array = 0.0,
-    *,
-    max_of: str = "raw",
-    bias_correction: bool = True,
     mu_dtype: Any = None,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+    *,
+    max_of: str = "corrected",
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""Adam with a non-decreasing second moment (AMSGrad), in all three conventions.
 
-    With :math:`m_t, v_t` as in :func:`scale_by_adam`:
+    With :math:`m_t, v_t` as in :func:`scale_by_adam`, :math:`\hat m_t =
+    m_t/(1-b_1^t)` (``bias_correction_mu``) and :math:`c_t = 1-b_2^t`
+    (``bias_correction_nu``; 1 when it is off):
 
-    - ``max_of="raw"`` (PyTorch ``amsgrad=True``):
-      :math:`n_t = \max(n_{t-1}, v_t)`, :math:`u_t = \hat m_t / (\sqrt{n_t/(1-b_2^t) + \epsilon_{root}} + \epsilon)`.
-    - ``max_of="corrected"`` (Optax's ``scale_by_amsgrad``):
-      :math:`n_t = \max(n_{t-1}, \hat v_t)`, :math:`u_t = \hat m_t / (\sqrt{n_t + \epsilon_{root}} + \epsilon)`.
-    - ``bias_correction=False`` (Reddi et al., 2018): no :math:`1-b^t` anywhere,
-      :math:`n_t = \max(n_{t-1}, v_t)`, :math:`u_t = m_t / (\sqrt{n_t + \epsilon_{root}} + \epsilon)`
-      (``max_of`` is then irrelevant).
+    - ``max_of="corrected"`` (default, ``optax.scale_by_amsgrad``):
+      :math:`n_t = \max(n_{t-1}, v_t/c_t)`, :math:`u_t = \hat m_t / (\sqrt{n_t + \epsilon_{root}} + \epsilon)`.
+    - ``max_of="raw"`` (``torch.optim.Adam(amsgrad=True)``):
+      :math:`n_t = \max(n_{t-1}, v_t)`, :math:`u_t = \hat m_t / (\sqrt{n_t/c_t + \epsilon_{root}} + \epsilon)`.
+    - ``bias_correction_mu=False, bias_correction_nu=False`` (Reddi et al.,
+      2018): no :math:`1-b^t` anywhere; both maxima are then the same.
 
-    The raw and corrected maxima differ: :math:`1-b_2^t` grows with
-    :math:`t`, so an early raw maximum is divided by an ever larger number in
-    the raw convention but frozen in the corrected one.
+    The raw and corrected maxima differ: :math:`c_t` grows with :math:`t`,
+    so an early raw maximum is divided by an ever larger number in the raw
+    convention but frozen in the corrected one.
 
     Args:
       b1: decay of the first moment, in [0, 1).
       b2: decay of the second moment, in [0, 1).
       eps: added outside the square root, >= 0.
       eps_root: added inside the square root, >= 0.
-      max_of: ``"raw"`` or ``"corrected"`` (see above).
-      bias_correction: divide the moments by :math:`1-b^t`.
       mu_dtype: dtype of ``mu`` (default: the parameters').
-      nu_dtype: dtype of ``nu`` and ``nu_max`` (default: the parameters' real dtype).
+      bias_correction_mu: divide the first moment by :math:`1-b_1^t`.
+      bias_correction_nu: divide the second moment by :math:`1-b_2^t`.
+      max_of: ``"corrected"`` or ``"raw"`` (keyword-only addition, see above).
+      nu_dtype: dtype of ``nu`` and ``nu_max`` (keyword-only addition;
+        default: the parameters' real dtype).
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`ScaleByAmsgradState`.
+      An ``optax.GradientTransformation`` with state ``optax.ScaleByAmsgradState``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -286,6 +276,7 @@ def scale_by_amsgrad(
         return ScaleByAmsgradState(count=moments.zero_count(), mu=mu, nu=nu, nu_max=nu_max)
 
     def update_fn(updates, state, params=None):
+        updates = moments.as_arrays(updates)
         del params
         moments.check_tree_match(where, updates, state.mu, "mu")
         count = optax.safe_increment(state.count)
@@ -295,17 +286,15 @@ def scale_by_amsgrad(
             c = moments.compute_dtype(g.dtype)
             rc = moments.real_dtype(c)
             gc = moments.to_compute(g)
-            bc1 = debias(b1, c) if bias_correction else None
+            bc1 = debias(b1, c) if bias_correction_mu else None
             m_new, m_hat = _first_moment(gc, m, b1, bc1, count, nesterov=False)
             v_new = moments.ema(moments.abs_sq(gc), v.astype(rc), b2)
-            if not bias_correction:
+            if max_of == "raw":
                 n_new = jnp.maximum(n.astype(rc), v_new)
-                v_eff = n_new
-            elif max_of == "raw":
-                n_new = jnp.maximum(n.astype(rc), v_new)
-                v_eff = n_new / debias(b2, c)
+                v_eff = n_new / debias(b2, c) if bias_correction_nu else n_new
             else:
-                n_new = jnp.maximum(n.astype(rc), v_new / debias(b2, c))
+                v_hat = v_new / debias(b2, c) if bias_correction_nu else v_new
+                n_new = jnp.maximum(n.astype(rc), v_hat)
                 v_eff = n_new
             u = m_hat / (jnp.sqrt(v_eff + eps_root) + eps)
             return (
@@ -369,6 +358,7 @@ def scale_by_adamax(
         return ScaleByAdamState(count=moments.zero_count(), mu=mu, nu=nu)
 
     def update_fn(updates, state, params=None):
+        updates = moments.as_arrays(updates)
         del params
         moments.check_tree_match(where, updates, state.mu, "mu")
         count = optax.safe_increment(state.count)
@@ -394,52 +384,44 @@ def scale_by_adamax(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-class ScaleByRmsState(NamedTuple):
-    """State of :func:`scale_by_rms`.
-
-    Attributes:
-      count: number of updates so far (int32, saturating; used by bias correction).
-      mu: EMA of gradients (``centered=True``), otherwise ``None``.
-      nu: EMA of squared gradient magnitudes.
-    """
-
-    count: Array
-    mu: PyTree
-    nu: PyTree
-
-
 def scale_by_rms(
     decay: float | Array = 0.9,
     eps: float | Array = 1e-8,
-    *,
-    eps_in_sqrt: bool = False,
+    initial_scale: float | Array = 0.0,
+    eps_in_sqrt: bool = True,
     bias_correction: bool = False,
+    *,
     centered: bool = False,
 ) -> optax.GradientTransformation:
     r"""Divides updates by the root mean square of recent gradients (RMSProp).
 
     .. math::
-        \nu_t &= d\,\nu_{t-1} + (1-d)\,|g_t|^2, \qquad
+        \nu_0 &= \nu_{init}, \qquad \nu_t = d\,\nu_{t-1} + (1-d)\,|g_t|^2, \qquad
         \mu_t = d\,\mu_{t-1} + (1-d)\,g_t \ \ (\text{centered}) \\
         s_t &= \hat\nu_t - |\hat\mu_t|^2 \ (\text{centered}) \ \text{or}\ \hat\nu_t \\
-        u_t &= g_t / (\sqrt{s_t} + \epsilon) \quad\text{or}\quad g_t / \sqrt{s_t + \epsilon}
-        \ (\texttt{eps\_in\_sqrt=True})
+        u_t &= g_t / \sqrt{s_t + \epsilon} \ \ (\texttt{eps\_in\_sqrt=True})
+        \quad\text{or}\quad g_t / (\sqrt{s_t} + \epsilon)
 
     where the hats divide by :math:`1-d^t` only with ``bias_correction=True``.
-    With the defaults (``eps_in_sqrt=False``, no bias correction) this is
-    ``torch.optim.RMSprop`` with ``alpha=decay``. Optax's ``scale_by_rms``
-    defaults to ``eps_in_sqrt=True``, so it differs from ours by default. The
-    centered variance is clipped at 0 so rounding can never produce a NaN.
+    The defaults are Optax's. ``torch.optim.RMSprop`` is
+    ``scale_by_rms(decay=0.99, eps_in_sqrt=False)`` (PyTorch's ``alpha`` is
+    ``decay``). ``centered=True`` is ``optax.scale_by_stddev`` with the same
+    arguments (Graves, 2013); its variance is clipped at 0, so rounding can
+    never produce a NaN.
 
     Args:
       decay: the EMA decay (PyTorch's ``alpha``), in [0, 1).
       eps: stabiliser, >= 0.
-      eps_in_sqrt: add ``eps`` inside the square root.
+      initial_scale: :math:`\nu_{init}`, >= 0.
+      eps_in_sqrt: add ``eps`` inside the square root (Optax) or outside (PyTorch).
       bias_correction: divide the averages by :math:`1-d^t`.
-      centered: subtract the squared mean gradient (Graves, 2013).
+      centered: subtract the squared mean gradient (keyword-only addition).
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`ScaleByRmsState`.
+      An ``optax.GradientTransformation`` whose state is Optax's:
+      ``optax.ScaleByRmsState`` (``nu``), with ``bias_correction``
+      ``optax.ScaleByRmsWithCountState``; when ``centered``,
+      ``optax.ScaleByRStdDevState`` or ``optax.ScaleByRStdDevWithCountState``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -459,17 +441,28 @@ def scale_by_rms(
     where = "scale_by_rms"
     validation.check_decay("decay", decay, where)
     validation.check_nonnegative("eps", eps, where)
+    validation.check_nonnegative("initial_scale", initial_scale, where)
+
+    def make_state(count, mu, nu):
+        if centered:
+            if bias_correction:
+                return _RStdDevWithCountState(count=count, mu=mu, nu=nu)
+            return optax.ScaleByRStdDevState(mu=mu, nu=nu)
+        if bias_correction:
+            return _RmsWithCountState(count=count, nu=nu)
+        return optax.ScaleByRmsState(nu=nu)
 
     def init_fn(params):
         mu = moments.tree_zeros_like(params) if centered else None
-        nu = moments.tree_zeros_like(params, real=True)
-        return ScaleByRmsState(count=moments.zero_count(), mu=mu, nu=nu)
+        nu = moments.tree_full_like(params, initial_scale, real=True)
+        return make_state(moments.zero_count(), mu, nu)
 
     def update_fn(updates, state, params=None):
+        updates = moments.as_arrays(updates)
         del params
         moments.check_tree_match(where, updates, state.nu, "nu")
-        count = optax.safe_increment(state.count)
-        debias = moments.Debias(count)
+        count = optax.safe_increment(state.count) if bias_correction else None
+        debias = moments.Debias(count) if bias_correction else None
 
         def leaf(g, v, m):
             c = moments.compute_dtype(g.dtype)
@@ -491,45 +484,43 @@ def scale_by_rms(
         u, nu, mu = moments.tree_map_multi(
             leaf, 3, updates, state.nu, state.mu if centered else None
         )
-        return u, ScaleByRmsState(count=count, mu=mu if centered else None, nu=nu)
+        return u, make_state(count, mu if centered else None, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-class ScaleByRssState(NamedTuple):
-    """State of :func:`scale_by_rss`.
-
-    Attributes:
-      sum_of_squares: accumulated squared gradient magnitudes.
-    """
-
-    sum_of_squares: PyTree
-
-
 def scale_by_rss(
-    initial_accumulator_value: float | Array = 0.0,
-    eps: float | Array = 1e-10,
+    initial_accumulator_value: float | Array = 0.1,
+    eps: float | Array = 1e-7,
+    *,
+    eps_in_sqrt: bool = True,
 ) -> optax.GradientTransformation:
     r"""Divides updates by the root of the sum of all squared gradients (AdaGrad).
 
     .. math::
-        a_0 = a_{init}, \qquad a_t = a_{t-1} + |g_t|^2, \qquad u_t = g_t / (\sqrt{a_t} + \epsilon)
+        a_0 = a_{init}, \qquad a_t = a_{t-1} + |g_t|^2, \qquad
+        u_t = g_t / \sqrt{a_t + \epsilon}\ \ (\texttt{eps\_in\_sqrt=True})
+        \quad\text{or}\quad g_t / (\sqrt{a_t} + \epsilon)
 
-    This is ``torch.optim.Adagrad`` (with ``lr_decay=0``). Optax's
-    ``scale_by_rss`` puts ``eps`` inside the square root and returns 0 where
-    the accumulator is 0, so its first steps differ from ours.
+    With ``eps_in_sqrt=True`` (Optax's ``scale_by_rss``, the default) the
+    update is 0 wherever :math:`a_t = 0`. ``torch.optim.Adagrad``
+    (``lr_decay=0``) is ``scale_by_rss(0.0, 1e-10, eps_in_sqrt=False)``.
+    The accumulator saturates at the dtype's largest finite value instead of
+    overflowing to infinity.
 
     Args:
-      initial_accumulator_value: starting value of the accumulator, >= 0.
-      eps: added outside the square root, >= 0.
+      initial_accumulator_value: :math:`a_{init}`, >= 0.
+      eps: stabiliser, >= 0.
+      eps_in_sqrt: add ``eps`` inside the square root (Optax) or outside
+        (PyTorch); keyword-only addition.
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`ScaleByRssState`.
+      An ``optax.GradientTransformation`` with state ``optax.ScaleByRssState``.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> from bayesopt_jax import scale_by_rss
-      >>> tx = scale_by_rss(eps=0.0)
+      >>> tx = scale_by_rss(0.0, 0.0)
       >>> s = tx.init(jnp.zeros(1))
       >>> _, s = tx.update(jnp.array([3.0]), s)
       >>> u, s = tx.update(jnp.array([4.0]), s)
@@ -546,15 +537,11 @@ def scale_by_rss(
     validation.check_nonnegative("eps", eps, where)
 
     def init_fn(params):
-        acc = jax.tree.map(
-            lambda p: moments.full_like(
-                p, initial_accumulator_value, moments.real_dtype(jnp.asarray(p).dtype)
-            ),
-            params,
-        )
+        acc = moments.tree_full_like(params, initial_accumulator_value, real=True)
         return ScaleByRssState(sum_of_squares=acc)
 
     def update_fn(updates, state, params=None):
+        updates = moments.as_arrays(updates)
         del params
         moments.check_tree_match(where, updates, state.sum_of_squares, "sum_of_squares")
 
@@ -564,7 +551,15 @@ def scale_by_rss(
             rc = moments.real_dtype(c)
             # A sum never shrinks: saturate it rather than let it overflow to inf.
             a_new = jnp.minimum(a.astype(rc) + moments.abs_sq(gc), jnp.finfo(rc).max)
-            u = gc / (jnp.sqrt(a_new) + eps)
+            if eps_in_sqrt:
+                # 0 where nothing has accumulated (Optax's convention); the
+                # guarded denominator keeps derivatives finite there too.
+                # A NaN accumulator is not "empty": it still shows in the update.
+                empty = a_new == 0
+                safe = jnp.where(empty, jnp.ones((), rc), a_new + eps)
+                u = jnp.where(empty, jnp.zeros((), gc.dtype), gc / jnp.sqrt(safe))
+            else:
+                u = gc / (jnp.sqrt(a_new) + eps)
             return moments.store(u, g.dtype), moments.store(a_new, a.dtype)
 
         u, acc = moments.tree_map_multi(leaf, 2, updates, state.sum_of_squares)

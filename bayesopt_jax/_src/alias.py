@@ -42,14 +42,14 @@ def _lr(learning_rate: ScalarOrSchedule, where: str) -> optax.GradientTransforma
 
 
 def adam(
-    learning_rate: ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule,
     b1: float | jax.Array = 0.9,
     b2: float | jax.Array = 0.999,
     eps: float | jax.Array = 1e-8,
     eps_root: float | jax.Array = 0.0,
+    mu_dtype: Any = None,
     *,
     nesterov: bool = False,
-    mu_dtype: Any = None,
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""Adam: :math:`\theta_t = \theta_{t-1} - \alpha_t\, \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)`.
@@ -64,9 +64,9 @@ def adam(
       b2: as in :func:`~bayesopt_jax.scale_by_adam`.
       eps: as in :func:`~bayesopt_jax.scale_by_adam`.
       eps_root: as in :func:`~bayesopt_jax.scale_by_adam`.
+      mu_dtype: dtype of the first moment.
       nesterov: Nesterov look-ahead (NAdam).
-      mu_dtype: state dtypes.
-      nu_dtype: state dtypes.
+      nu_dtype: dtype of the second moment (keyword-only addition).
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -91,7 +91,7 @@ def adam(
     lr = _lr(learning_rate, "adam")
     tx = optax.chain(
         adam_lib.scale_by_adam(
-            b1, b2, eps, eps_root, nesterov=nesterov, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+            b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype
         ),
         lr,
     )
@@ -100,22 +100,24 @@ def adam(
 
 
 def adamw(
-    learning_rate: ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule,
     b1: float | jax.Array = 0.9,
     b2: float | jax.Array = 0.999,
     eps: float | jax.Array = 1e-8,
     eps_root: float | jax.Array = 0.0,
-    weight_decay: float | jax.Array = 1e-2,
+    mu_dtype: Any = None,
+    weight_decay: ScalarOrSchedule = 1e-4,
     mask: PyTree | None = None,
     *,
     nesterov: bool = False,
-    mu_dtype: Any = None,
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""AdamW: :math:`\theta_t = \theta_{t-1} - \alpha_t (\hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon) + \lambda \theta_{t-1})`.
 
     The decay is added after Adam's scaling and multiplied by the learning
-    rate, as in ``torch.optim.AdamW`` and ``optax.adamw`` (which agree).
+    rate, as in ``torch.optim.AdamW`` and ``optax.adamw`` (which agree). The
+    default decay is Optax's, 1e-4; ``torch.optim.AdamW``'s is
+    ``weight_decay=1e-2``.
 
     Args:
       learning_rate: step size (number or schedule), >= 0.
@@ -123,11 +125,11 @@ def adamw(
       b2: as in :func:`~bayesopt_jax.scale_by_adam`.
       eps: as in :func:`~bayesopt_jax.scale_by_adam`.
       eps_root: as in :func:`~bayesopt_jax.scale_by_adam`.
-      weight_decay: :math:`\lambda` >= 0.
+      mu_dtype: as in :func:`adam`.
+      weight_decay: :math:`\lambda` >= 0, a number or a schedule of the step count.
       mask: which leaves to decay (pytree of bools or callable), see
         :func:`~bayesopt_jax.add_decoupled_weight_decay`.
       nesterov: as in :func:`adam`.
-      mu_dtype: as in :func:`adam`.
       nu_dtype: as in :func:`adam`.
 
     Returns:
@@ -150,36 +152,37 @@ def adamw(
     lr = _lr(learning_rate, "adamw")
     tx = optax.chain(
         adam_lib.scale_by_adam(
-            b1, b2, eps, eps_root, nesterov=nesterov, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+            b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype
         ),
         decay.add_decoupled_weight_decay(weight_decay, mask),
         lr,
     )
     config = native.adam_config(b1, b2, eps, eps_root, nesterov=nesterov, bias_correction=True)
     if not isinstance(weight_decay, int | float):
-        config = None  # a traced decay takes the two-call path
+        config = None  # a traced or scheduled decay takes the two-call path
     wd = float(weight_decay) if config is not None else None
     return fused.register(_checked("adamw", tx), fused.AdamStepSpec(config, wd, mask, lr))
 
 
 def amsgrad(
-    learning_rate: ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule,
     b1: float | jax.Array = 0.9,
     b2: float | jax.Array = 0.999,
     eps: float | jax.Array = 1e-8,
     eps_root: float | jax.Array = 0.0,
-    *,
-    max_of: str = "raw",
-    bias_correction: bool = True,
     mu_dtype: Any = None,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+    *,
+    max_of: str = "corrected",
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""AMSGrad: Adam with a running maximum of the second moment.
 
-    The default ``max_of="raw"`` is ``torch.optim.Adam(amsgrad=True)``;
-    ``max_of="corrected"`` is ``optax.amsgrad``; ``bias_correction=False`` is
-    the original algorithm of Reddi et al. See
-    :func:`~bayesopt_jax.scale_by_amsgrad`.
+    The default is ``optax.amsgrad`` (maximum of the bias-corrected second
+    moment); ``max_of="raw"`` is ``torch.optim.Adam(amsgrad=True)``;
+    ``bias_correction_mu=False, bias_correction_nu=False`` is the original
+    algorithm of Reddi et al. See :func:`~bayesopt_jax.scale_by_amsgrad`.
 
     Args:
       learning_rate: step size (number or schedule), >= 0.
@@ -187,10 +190,11 @@ def amsgrad(
       b2: as in :func:`~bayesopt_jax.scale_by_adam`.
       eps: as in :func:`~bayesopt_jax.scale_by_adam`.
       eps_root: as in :func:`~bayesopt_jax.scale_by_adam`.
-      max_of: ``"raw"`` or ``"corrected"``.
-      bias_correction: divide the moments by :math:`1-b^t`.
-      mu_dtype: state dtypes.
-      nu_dtype: state dtypes.
+      mu_dtype: dtype of the first moment.
+      bias_correction_mu: divide the first moment by :math:`1-b_1^t`.
+      bias_correction_nu: divide the second moment by :math:`1-b_2^t`.
+      max_of: ``"corrected"`` or ``"raw"`` (keyword-only addition).
+      nu_dtype: dtype of ``nu`` and ``nu_max`` (keyword-only addition).
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -213,9 +217,10 @@ def amsgrad(
             b2,
             eps,
             eps_root,
+            mu_dtype,
+            bias_correction_mu,
+            bias_correction_nu,
             max_of=max_of,
-            bias_correction=bias_correction,
-            mu_dtype=mu_dtype,
             nu_dtype=nu_dtype,
         ),
         _lr(learning_rate, "amsgrad"),
@@ -224,7 +229,7 @@ def amsgrad(
 
 
 def adamax(
-    learning_rate: ScalarOrSchedule = 2e-3,
+    learning_rate: ScalarOrSchedule,
     b1: float | jax.Array = 0.9,
     b2: float | jax.Array = 0.999,
     eps: float | jax.Array = 1e-8,
@@ -260,19 +265,25 @@ def adamax(
 
 
 def adagrad(
-    learning_rate: ScalarOrSchedule = 1e-2,
-    initial_accumulator_value: float | jax.Array = 0.0,
-    eps: float | jax.Array = 1e-10,
+    learning_rate: ScalarOrSchedule,
+    initial_accumulator_value: float | jax.Array = 0.1,
+    eps: float | jax.Array = 1e-7,
+    *,
+    eps_in_sqrt: bool = True,
 ) -> optax.GradientTransformation:
-    r"""AdaGrad: :math:`\theta_t = \theta_{t-1} - \alpha_t\, g_t / (\sqrt{a_t} + \epsilon)`, :math:`a_t = a_{t-1} + |g_t|^2`.
+    r"""AdaGrad: :math:`\theta_t = \theta_{t-1} - \alpha_t\, g_t / \sqrt{a_t + \epsilon}`, :math:`a_t = a_{t-1} + |g_t|^2`.
 
-    Same trajectory as ``torch.optim.Adagrad`` (``lr_decay=0``). Differs from
-    ``optax.adagrad``, which puts ``eps`` inside the square root.
+    The defaults are ``optax.adagrad``'s (the update is 0 where :math:`a_t =
+    0`). ``torch.optim.Adagrad`` (``lr_decay=0``) is
+    ``adagrad(lr, initial_accumulator_value=0.0, eps=1e-10, eps_in_sqrt=False)``:
+    :math:`g_t / (\sqrt{a_t} + \epsilon)`. See :func:`~bayesopt_jax.scale_by_rss`.
 
     Args:
       learning_rate: step size (number or schedule), >= 0.
       initial_accumulator_value: :math:`a_0` >= 0.
-      eps: added outside the square root, >= 0.
+      eps: stabiliser, >= 0.
+      eps_in_sqrt: ``eps`` inside the square root (Optax) or outside
+        (PyTorch); keyword-only addition.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -280,7 +291,7 @@ def adagrad(
     Examples:
       >>> import jax.numpy as jnp
       >>> import bayesopt_jax as bj
-      >>> tx = bj.adagrad(1.0, eps=0.0)
+      >>> tx = bj.adagrad(1.0, initial_accumulator_value=0.0, eps=0.0)
       >>> u, _ = tx.update(jnp.array([-3.0]), tx.init(jnp.zeros(1)))
       >>> u
       Array([1.], dtype=float32)
@@ -289,38 +300,49 @@ def adagrad(
       Duchi, Hazan & Singer, JMLR 12 (2011). https://jmlr.org/papers/v12/duchi11a.html
     """
     tx = optax.chain(
-        adam_lib.scale_by_rss(initial_accumulator_value, eps), _lr(learning_rate, "adagrad")
+        adam_lib.scale_by_rss(initial_accumulator_value, eps, eps_in_sqrt=eps_in_sqrt),
+        _lr(learning_rate, "adagrad"),
     )
     return _checked("adagrad", tx)
 
 
 def rmsprop(
-    learning_rate: ScalarOrSchedule = 1e-2,
-    decay: float | jax.Array = 0.99,
+    learning_rate: ScalarOrSchedule,
+    decay: float | jax.Array = 0.9,
     eps: float | jax.Array = 1e-8,
-    *,
+    initial_scale: float | jax.Array = 0.0,
+    eps_in_sqrt: bool = True,
     centered: bool = False,
-    momentum: float | jax.Array | None = 0.0,
-    eps_in_sqrt: bool = False,
+    momentum: float | jax.Array | None = None,
+    nesterov: bool = False,
+    bias_correction: bool = False,
 ) -> optax.GradientTransformation:
-    r"""RMSProp as in ``torch.optim.RMSprop`` (``alpha`` is our ``decay``).
+    r"""RMSProp, with Optax's signature, defaults and state.
 
     .. math::
-        b_t = \mu\, b_{t-1} + g_t / (\sqrt{s_t} + \epsilon), \qquad \theta_t = \theta_{t-1} - \alpha_t b_t
+        b_t = \mu\, b_{t-1} + \alpha_t\, g_t / \sqrt{s_t + \epsilon}, \qquad \theta_t = \theta_{t-1} - b_t
 
-    with :math:`s_t` from :func:`~bayesopt_jax.scale_by_rms` and momentum
-    :math:`\mu` applied before the learning rate (PyTorch's order). A plain
-    ``momentum=0`` (or ``None``, Optax's spelling) allocates no momentum buffer; an injected (array)
-    momentum always has one, so the state structure never depends on a value.
-    ``optax.rmsprop`` differs by default: it puts ``eps`` inside the square root.
+    with :math:`s_t` from :func:`~bayesopt_jax.scale_by_rms`
+    (:math:`\sqrt{s_t} + \epsilon` with ``eps_in_sqrt=False``).
+    ``chain(scale_by_rms(...), scale_by_learning_rate(learning_rate),
+    trace(momentum, nesterov))``, the trace only when ``momentum`` is not
+    ``None``, exactly as ``optax.rmsprop``.
+
+    ``torch.optim.RMSprop`` is ``rmsprop(lr, decay=0.99, eps_in_sqrt=False)``
+    (add ``centered``/``momentum`` as there). PyTorch keeps the momentum
+    buffer before the learning rate, this chain after it: the two agree to
+    rounding under a constant learning rate, and differ under a schedule.
 
     Args:
       learning_rate: step size (number or schedule), >= 0.
-      decay: EMA decay of the squared gradients, in [0, 1).
+      decay: EMA decay of the squared gradients (PyTorch's ``alpha``), in [0, 1).
       eps: stabiliser, >= 0.
+      initial_scale: initial value of the squared-gradient average, >= 0.
+      eps_in_sqrt: ``eps`` inside the square root (Optax) or outside (PyTorch).
       centered: divide by an estimate of the variance instead of the second moment.
-      momentum: heavy-ball momentum on the scaled gradient, in [0, 1).
-      eps_in_sqrt: add ``eps`` inside the square root.
+      momentum: heavy-ball momentum in [0, 1), or ``None`` for none (no buffer).
+      nesterov: Nesterov's variant of the momentum.
+      bias_correction: divide the averages by :math:`1-d^t`.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -339,15 +361,17 @@ def rmsprop(
       Hinton, Srivastava & Swersky, lecture 6e (2012).
       https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf
     """
-    if momentum is None:
-        momentum = 0.0
-    validation.check_decay("momentum", momentum, "rmsprop")
     parts = [
-        adam_lib.scale_by_rms(decay, eps, eps_in_sqrt=eps_in_sqrt, centered=centered),
+        adam_lib.scale_by_rms(
+            decay, eps, initial_scale, eps_in_sqrt, bias_correction, centered=centered
+        ),
+        _lr(learning_rate, "rmsprop"),
     ]
-    if not validation.is_static_zero(momentum):
-        parts.append(moments.trace(momentum))
-    parts.append(_lr(learning_rate, "rmsprop"))
+    if momentum is not None:
+        validation.check_decay("momentum", momentum, "rmsprop")
+        parts.append(moments.trace(momentum, nesterov=nesterov))
+    else:
+        parts.append(optax.identity())
     return _checked("rmsprop", optax.chain(*parts))
 
 

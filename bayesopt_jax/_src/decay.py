@@ -7,10 +7,15 @@ from typing import Any
 
 import jax
 import optax
+from optax.transforms import _adding as _optax_adding
 
 from bayesopt_jax._src import moments, validation
 
 PyTree = Any
+
+# Optax's state for a scheduled decay (the step count), so that the state of
+# a chain matches ``optax.add_decayed_weights``'s leaf for leaf.
+_WeightDecaySchedule = _optax_adding.WeightDecaySchedule
 
 
 def add_decoupled_weight_decay(
@@ -28,7 +33,8 @@ def add_decoupled_weight_decay(
     convention of ``torch.optim.AdamW`` and of Loshchilov & Hutter.
 
     Args:
-      weight_decay: the decay rate :math:`\lambda`, >= 0 (or a traced value).
+      weight_decay: the decay rate :math:`\lambda`, >= 0: a number, a traced
+        value, or a schedule of the step count (as ``optax.add_decayed_weights``).
       mask: a pytree of booleans with the parameters' structure (or a prefix
         of it), or a callable that maps the parameters to one; only leaves
         marked ``True`` are decayed. ``None`` decays every leaf.
@@ -49,13 +55,18 @@ def add_decoupled_weight_decay(
       Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
       https://arxiv.org/abs/1711.05101
     """
-    validation.check_nonnegative("weight_decay", weight_decay, "add_decoupled_weight_decay")
+    scheduled = callable(weight_decay)
+    if not scheduled:
+        validation.check_nonnegative("weight_decay", weight_decay, "add_decoupled_weight_decay")
 
     def init_fn(params):
         del params
+        if scheduled:
+            return _WeightDecaySchedule(count=moments.zero_count())
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
+        updates = moments.as_arrays(updates)
         if params is None:
             raise ValueError(
                 "add_decoupled_weight_decay: `params` is required; call "
@@ -63,9 +74,15 @@ def add_decoupled_weight_decay(
             )
         moments.check_tree_match("add_decoupled_weight_decay", updates, params, "params")
 
+        if scheduled:
+            rate = weight_decay(state.count)
+            state = _WeightDecaySchedule(count=optax.safe_increment(state.count))
+        else:
+            rate = weight_decay
+
         def leaf(u, p):
             c = moments.compute_dtype(u.dtype)
-            wd = jax.numpy.asarray(weight_decay, moments.real_dtype(c))
+            wd = jax.numpy.asarray(rate, moments.real_dtype(c))
             return (u.astype(c) + wd * p.astype(c)).astype(u.dtype)
 
         return jax.tree.map(leaf, updates, params), state

@@ -33,8 +33,11 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
 
 
 def real_dtype(dtype: Any) -> jnp.dtype:
-    """The real counterpart of a (possibly complex) floating dtype."""
-    return jnp.finfo(dtype).dtype
+    """The real counterpart of a complex dtype; other dtypes (integers too) are returned as they are."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.finfo(dtype).dtype
+    return dtype
 
 
 def abs_sq(x: Array) -> Array:
@@ -89,14 +92,42 @@ def store(x: Array, dtype: Any) -> Array:
     return x.astype(dtype)
 
 
+def _concrete_layout(x: Any) -> tuple[tuple[int, ...], Any, Any] | None:
+    """``(shape, dtype, sharding)`` of a concrete array or a ``ShapeDtypeStruct``; else None.
+
+    The sharding is None where the buffer should be left uncommitted.
+    """
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x.shape, x.dtype, getattr(x, "sharding", None)
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        # An uncommitted array (say, from jnp.ones) gets an uncommitted buffer:
+        # committing it would change the jit cache key of the next step.
+        return x.shape, x.dtype, x.sharding if getattr(x, "committed", True) else None
+    return None
+
+
+def leaf_dtype(x: Any) -> jnp.dtype:
+    """The dtype of a parameter leaf (an array, a ``ShapeDtypeStruct`` or a number)."""
+    return jnp.dtype(x.dtype) if hasattr(x, "dtype") else jnp.asarray(x).dtype
+
+
 def zeros_like(x: Array, dtype: Any = None) -> Array:
     """Zeros shaped like ``x`` that follow ``x``'s sharding, also under ``jit``.
 
-    ``jnp.zeros_like`` of a traced argument is a constant, and XLA's sharding
-    propagation is free to place a constant anywhere (typically replicated).
-    Computing the zeros *from* ``x`` ties them to ``x``'s sharding. ``where``
-    first removes non-finite values so that ``inf * 0`` cannot leak a NaN.
+    For a concrete array (or a ``jax.ShapeDtypeStruct``) the zeros are made
+    directly on its sharding: one cheap operation, so a first ``init`` on
+    hundreds of new shapes costs what ``jnp.zeros_like`` costs. Under a
+    trace, ``jnp.zeros_like`` of the argument would be a constant, and XLA's
+    sharding propagation is free to place a constant anywhere (typically
+    replicated); computing the zeros *from* ``x`` ties them to ``x``'s
+    sharding, and ``where`` first removes non-finite values so that
+    ``inf * 0`` cannot leak a NaN.
     """
+    layout = _concrete_layout(x)
+    if layout is not None:
+        shape, x_dtype, sharding = layout
+        dtype = jnp.dtype(x_dtype) if dtype is None else jnp.dtype(dtype)
+        return jnp.zeros(shape, dtype, device=sharding)
     x = jnp.asarray(x)
     dtype = x.dtype if dtype is None else jnp.dtype(dtype)
     finite = jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
@@ -108,22 +139,31 @@ def zeros_like(x: Array, dtype: Any = None) -> Array:
 
 def full_like(x: Array, value: Any, dtype: Any = None) -> Array:
     """``value`` broadcast like ``x``, following ``x``'s sharding (see :func:`zeros_like`)."""
+    layout = _concrete_layout(x)
+    if layout is not None:
+        shape, x_dtype, sharding = layout
+        dtype = jnp.dtype(x_dtype) if dtype is None else jnp.dtype(dtype)
+        return jnp.full(shape, jnp.asarray(value).astype(dtype), dtype, device=sharding)
     z = zeros_like(x, dtype)
     return z + jnp.asarray(value).astype(z.dtype)
 
 
+def _state_dtype(x: Any, dtype: Any, real: bool) -> Any:
+    """The buffer dtype for leaf ``x``: ``dtype`` if given, else the leaf's (made real if asked)."""
+    if dtype is not None:
+        return dtype
+    dt = leaf_dtype(x)
+    return real_dtype(dt) if real else dt
+
+
 def tree_zeros_like(tree: PyTree, dtype: Any = None, *, real: bool = False) -> PyTree:
     """:func:`zeros_like` on every leaf; ``real=True`` gives real buffers for complex leaves."""
+    return jax.tree.map(lambda x: zeros_like(x, _state_dtype(x, dtype, real)), tree)
 
-    def leaf(x):
-        dt = dtype
-        if dt is None:
-            dt = jnp.asarray(x).dtype
-            if real:
-                dt = real_dtype(dt)
-        return zeros_like(x, dt)
 
-    return jax.tree.map(leaf, tree)
+def tree_full_like(tree: PyTree, value: Any, dtype: Any = None, *, real: bool = False) -> PyTree:
+    """:func:`full_like` on every leaf (``real`` as in :func:`tree_zeros_like`)."""
+    return jax.tree.map(lambda x: full_like(x, value, _state_dtype(x, dtype, real)), tree)
 
 
 def zero_count() -> Array:
@@ -134,6 +174,13 @@ def zero_count() -> Array:
 # --------------------------------------------------------------------------
 # tree plumbing
 # --------------------------------------------------------------------------
+
+
+def as_arrays(tree: PyTree) -> PyTree:
+    """``tree`` with Python and NumPy scalars turned into arrays (as Optax's math does implicitly)."""
+    if all(isinstance(x, jax.Array) for x in jax.tree.leaves(tree)):
+        return tree
+    return jax.tree.map(jnp.asarray, tree)
 
 
 def check_tree_match(where: str, tree: PyTree, reference: PyTree, ref_name: str) -> None:
@@ -265,6 +312,7 @@ def bias_correction(decay: Any) -> optax.GradientTransformation:
         return BiasCorrectionState(count=zero_count())
 
     def update_fn(updates, state, params=None):
+        updates = as_arrays(updates)
         del params
         count = optax.safe_increment(state.count)
 
@@ -326,6 +374,7 @@ def amsgrad_max() -> optax.GradientTransformation:
         return AmsgradMaxState(count=zero_count(), nu_max=tree_zeros_like(params))
 
     def update_fn(updates, state, params=None):
+        updates = as_arrays(updates)
         del params
         check_tree_match("amsgrad_max", updates, state.nu_max, "nu_max")
         count = optax.safe_increment(state.count)
@@ -340,27 +389,31 @@ def amsgrad_max() -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def trace(decay: Any) -> optax.GradientTransformation:
+def trace(decay: Any, *, nesterov: bool = False) -> optax.GradientTransformation:
     r"""Heavy-ball momentum :math:`b_t = \mu b_{t-1} + u_t`, output :math:`b_t`.
 
-    The same recursion and state (``optax.TraceState``) as ``optax.trace``
-    without Nesterov, but the buffer follows the parameters' sharding also
-    when ``init`` runs under ``jit``. Internal: used by :func:`rmsprop`.
+    With ``nesterov=True`` the output is :math:`u_t + \mu b_t`. The same
+    recursion and state (``optax.TraceState``) as ``optax.trace``, but the
+    buffer follows the parameters' sharding also when ``init`` runs under
+    ``jit``. Internal: used by :func:`rmsprop`.
     """
 
     def init_fn(params):
         return optax.TraceState(trace=tree_zeros_like(params))
 
     def update_fn(updates, state, params=None):
+        updates = as_arrays(updates)
         del params
         check_tree_match("trace", updates, state.trace, "trace")
 
         def leaf(g, t):
             c = compute_dtype(jnp.promote_types(g.dtype, t.dtype))
-            return store(g.astype(c) + decay * t.astype(c), t.dtype)
+            gc = g.astype(c)
+            new = gc + decay * t.astype(c)
+            out = gc + decay * new if nesterov else new
+            return store(out, g.dtype), store(new, t.dtype)
 
-        new_trace = jax.tree.map(leaf, updates, state.trace)
-        out = jax.tree.map(lambda n, g: n.astype(g.dtype), new_trace, updates)
+        out, new_trace = tree_map_multi(leaf, 2, updates, state.trace)
         return out, optax.TraceState(trace=new_trace)
 
     return optax.GradientTransformation(init_fn, update_fn)

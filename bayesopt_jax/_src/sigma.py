@@ -158,7 +158,7 @@ def _init_sigma_state(params, b1, sigma_init):
         sigma = moments.tree_zeros_like(params, real=True)
     else:
         sigma = jax.tree.map(
-            lambda p: moments.full_like(p, sigma_init, moments.real_dtype(jnp.asarray(p).dtype)),
+            lambda p: moments.full_like(p, sigma_init, moments.real_dtype(moments.leaf_dtype(p))),
             params,
         )
     return ScaleBySigmaFilterState(count=moments.zero_count(), mu=mu, nu=nu, sigma=sigma)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -23,9 +24,8 @@ def _concrete(value: Any) -> float | None:
     if isinstance(value, numbers.Real):
         return float(value)
     if isinstance(value, np.ndarray | np.generic) and np.ndim(value) == 0:
-        if np.issubdtype(np.asarray(value).dtype, np.floating) or np.issubdtype(
-            np.asarray(value).dtype, np.integer
-        ):
+        dtype = np.asarray(value).dtype
+        if jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer):
             return float(value)
     if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
         if value.ndim == 0 and value.is_fully_addressable:
@@ -50,7 +50,8 @@ def check_number(name: str, value: Any, where: str = "") -> None:
     """Raises ``ValueError`` unless ``value`` is a real number, a numeric array or a tracer."""
     if isinstance(value, jax.Array | np.ndarray | np.generic):
         dtype = np.asarray(value).dtype if not isinstance(value, jax.Array) else value.dtype
-        if np.issubdtype(dtype, np.number) and not np.issubdtype(dtype, np.complexfloating):
+        # jnp.issubdtype also knows the ml_dtypes floats (bfloat16, float8_*).
+        if jnp.issubdtype(dtype, jnp.number) and not jnp.issubdtype(dtype, jnp.complexfloating):
             return
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         return
@@ -116,6 +117,8 @@ def check_update(where: str, updates: Any, state: Any, params: Any) -> None:
     ``where``, the leaf path and both shapes.
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    if not leaves:
+        return  # nothing to check (say, a branch masked out by ``optax.masked``)
     if params is not None:
         try:
             p_leaves = treedef.flatten_up_to(params)

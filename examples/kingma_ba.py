@@ -66,8 +66,11 @@ def logreg_optimizer(name: str, lr):
     schedule = lambda t: lr / jnp.sqrt(t + 1.0)  # noqa: E731  α_t = α/√t, t from 1
     return {
         "Adam": lambda: bj.adam(schedule),
-        "AdaGrad": lambda: bj.adagrad(schedule),
-        "RMSProp": lambda: bj.rmsprop(schedule, decay=0.99),
+        # The paper's AdaGrad and RMSProp: accumulators from 0, ε outside the root.
+        "AdaGrad": lambda: bj.adagrad(
+            schedule, initial_accumulator_value=0.0, eps=1e-10, eps_in_sqrt=False
+        ),
+        "RMSProp": lambda: bj.rmsprop(schedule, decay=0.99, eps_in_sqrt=False),
         "SGDNesterov": lambda: optax.sgd(schedule, momentum=0.9, nesterov=True),
     }[name]()
 

@@ -75,3 +75,23 @@ def test_uncertainty_compare_smoke(tmp_path):
     a, b = rng.normal(size=50), rng.normal(0.5, 1, size=40)
     want = np.mean((b[None, :] > a[:, None]) + 0.5 * (b[None, :] == a[:, None]))
     assert abs(mod.auroc(a, b) - want) <= 1e-12
+
+
+def test_hlo_audit_reads_the_compiled_step(tmp_path):
+    spec = importlib.util.spec_from_file_location("hlo_audit", ROOT / "benchmarks" / "hlo_audit.py")
+    audit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(audit)
+    names = ["optax.adam", "bj.sigma_filter b1=0.9"]
+    report = audit.main(
+        ["--size", "4099", "--optimizers", *names, "--json", str(tmp_path / "a.json")]
+    )
+    assert json.loads((tmp_path / "a.json").read_text()) == report
+    # Adam keeps 2 state buffers, the filter with momentum 3 (mu, nu, sigma).
+    assert report["optax.adam"]["minimum_bytes_per_param"] == 4 * (2 * 3 + 1)
+    assert report["bj.sigma_filter b1=0.9"]["minimum_bytes_per_param"] == 4 * (2 * 4 + 1)
+    for name, row in report.items():
+        # No compiled program can move less than reading and writing every
+        # buffer once; and Adam's update needs a square root and a division.
+        assert row["loops"] >= 1, name
+        assert row["bytes_per_param"] >= row["minimum_bytes_per_param"], name
+        assert row["expensive_ops"] >= 2, name

@@ -98,3 +98,33 @@ def test_zeros_like_keeps_sharding_under_jit():
 def test_tree_map_multi_rejects_mismatch():
     with pytest.raises(ValueError):
         moments.tree_map_multi(lambda a, b: (a, b), 2, {"a": 1.0}, {"b": 2.0})
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64])
+def test_to_compute_again_has_to_computes_bits(dtype):
+    # The second spelling of the gradient clip must give the same bits for
+    # every kind of value: zeros of both signs, subnormals, the clip limit and
+    # its neighbours, huge finite values, infinities and NaN.
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        pytest.skip("float64 needs jax_enable_x64")
+    info = jnp.finfo(dtype)
+    c = moments.compute_dtype(dtype)
+    limit = np.asarray(moments.clip_limit(c), c)
+    around = np.array(
+        [np.nextafter(limit, np.asarray(0, c)), limit, np.nextafter(limit, np.asarray(np.inf, c))]
+    )
+    values = np.concatenate(
+        [
+            [0.0, -0.0, float(info.smallest_subnormal), -float(info.tiny), 1.0, -3.5],
+            around,
+            -around,
+            [float(info.max), -float(info.max), np.inf, -np.inf, np.nan],
+        ]
+    )
+    g = jnp.asarray(values.astype(np.float64)).astype(dtype)
+    want = np.asarray(moments.to_compute(g))
+    got = np.asarray(moments.to_compute_again(g))
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+    # and the clip itself is real: beyond the limit both give the limit.
+    assert np.abs(want[np.isfinite(want)]).max() <= limit

@@ -477,7 +477,7 @@ def scale_by_rms(
                 m_hat = m_new if bc is None else m_new / bc
                 s = jnp.maximum(s - moments.abs_sq(m_hat), 0)
             denom = jnp.sqrt(s + eps) if eps_in_sqrt else jnp.sqrt(s) + eps
-            u = gc / denom
+            u = moments.to_compute_again(g) / denom
             m_out = None if m_new is None else moments.store(m_new, m.dtype)
             return moments.store(u, g.dtype), moments.store(v_new, v.dtype), m_out
 
@@ -557,9 +557,10 @@ def scale_by_rss(
                 # A NaN accumulator is not "empty": it still shows in the update.
                 empty = a_new == 0
                 safe = jnp.where(empty, jnp.ones((), rc), a_new + eps)
-                u = jnp.where(empty, jnp.zeros((), gc.dtype), gc / jnp.sqrt(safe))
+                direction = moments.to_compute_again(g) / jnp.sqrt(safe)
+                u = jnp.where(empty, jnp.zeros((), gc.dtype), direction)
             else:
-                u = gc / (jnp.sqrt(a_new) + eps)
+                u = moments.to_compute_again(g) / (jnp.sqrt(a_new) + eps)
             return moments.store(u, g.dtype), moments.store(a_new, a.dtype)
 
         u, acc = moments.tree_map_multi(leaf, 2, updates, state.sum_of_squares)

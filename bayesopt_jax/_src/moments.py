@@ -78,6 +78,26 @@ def to_compute(g: Array) -> Array:
     return jnp.where(jnp.isfinite(gc), clip, gc)
 
 
+def to_compute_again(g: Array) -> Array:
+    """:func:`to_compute`'s values, as a second, different expression.
+
+    Where the clipped gradient feeds both a state loop and the update loop
+    (RMSProp, AdaGrad, the σ-filter without momentum), one shared expression
+    is common-subexpression-eliminated by XLA into a buffer of its own,
+    written by one loop and read by the others: an extra pass over memory and
+    a temporary the size of the parameters (2.4× the step time of the
+    σ-filter on 16.8M float32 parameters on a 2-core CPU). Written
+    differently, each copy fuses into the loop that uses it. Identical
+    values, non-finite entries included.
+    """
+    c = compute_dtype(g.dtype)
+    gc = jnp.asarray(g).astype(c)
+    if jnp.issubdtype(c, jnp.complexfloating):
+        return to_compute(g)
+    limit = clip_limit(c)
+    return jnp.where(jnp.isnan(gc) | jnp.isinf(gc), gc, jnp.clip(gc, -limit, limit))
+
+
 def store(x: Array, dtype: Any) -> Array:
     """Casts ``x`` to a state dtype, saturating at its largest finite value.
 

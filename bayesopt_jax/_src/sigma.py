@@ -128,7 +128,7 @@ def evidence_and_direction(g, m, s, debias, *, beta, b1, bias_correction, eps):
     s_hat = s_new / debias(beta, c) if bias_correction else s_new
     s_hat = s_hat + jnp.asarray(eps, rc)
     if m is None:
-        return s_new, s_hat, None, gc
+        return s_new, s_hat, None, moments.to_compute_again(g)
     m_new = moments.ema(gc, m.astype(c), b1)
     d = m_new / debias(b1, c) if bias_correction else m_new
     return s_new, s_hat, m_new, d

@@ -45,8 +45,8 @@ class BuildNative(build_ext):
 setup(
     ext_modules=[
         Extension(
-            "bayesopt_jax._src.native._adam_kernels",
-            sources=["bayesopt_jax/_src/native/adam_kernels.cc"],
+            "bayesopt_jax._src.native._kernels",
+            sources=["bayesopt_jax/_src/native/kernels.cc"],
             optional=True,
         )
     ],

@@ -126,8 +126,18 @@ OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation], int, int
     ),
     "optax.flatten(bj.adam)": (lambda: optax.flatten(bj.adam(1e-3)), 8, 36, "two-call"),
     "bj.amsgrad": (lambda: bj.amsgrad(1e-3), 12, 44, "two-call"),
+    "bj.amsgrad fused_step": (lambda: bj.amsgrad(1e-3), 12, 36, "fused"),
+    "bj.amsgrad pure JAX": (lambda: bj.amsgrad(1e-3), 12, 44, "pure"),
     "bj.sigma_filter": (lambda: bj.sigma_filter(1e-3), 8, 36, "two-call"),
+    "bj.sigma_filter fused_step": (lambda: bj.sigma_filter(1e-3), 8, 28, "fused"),
+    "bj.sigma_filter pure JAX": (lambda: bj.sigma_filter(1e-3), 8, 36, "pure"),
     "bj.sigma_filter b1=0.9": (lambda: bj.sigma_filter(1e-3, b1=0.9), 12, 44, "two-call"),
+    "bj.sigma_filter b1=0.9 fused_step": (
+        lambda: bj.sigma_filter(1e-3, b1=0.9),
+        12,
+        36,
+        "fused",
+    ),
     # The variational mode's step includes the training-time draw
     # θ̃ = θ + √v·ε (read θ and ν, write θ̃, plus one normal per parameter).
     "bj.variational_sigma_filter + sample": (

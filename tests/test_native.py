@@ -27,14 +27,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bayesopt_jax as bj
-from bayesopt_jax._src import fused, native
+from bayesopt_jax._src import native
 from bayesopt_jax._src.native import build
+from bayesopt_jax._src.native import reference as reference_rules
 
 HAVE_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 needs_native = pytest.mark.skipif(
     not bj.native_available(), reason=f"native kernels unavailable: {native.unavailable_reason()}"
 )
-TARGETS = (native.MOMENTS_TARGET, native.STEP_TARGET)
+TARGETS = native.TARGETS
 
 
 def uses_kernel(fn, *args) -> bool:
@@ -259,7 +260,9 @@ def test_fused_adam_follows_the_float64_reference(rng, x64):
     "make_tx, params_dtype",
     [
         (lambda: optax.sgd(0.1), jnp.float32),  # not one of ours
-        (lambda: bj.amsgrad(1e-3), jnp.float32),  # ours, no kernel
+        (lambda: bj.adamax(1e-3), jnp.float32),  # ours, no kernel
+        (lambda: bj.sigma_filter(1e-3, b1=jnp.asarray(0.9)), jnp.float32),  # traced b1
+        (lambda: bj.amsgrad(1e-3, eps_root=1e-12), jnp.float32),
         (lambda: bj.adam(1e-3, nesterov=True), jnp.float32),
         (lambda: bj.adam(1e-3, eps_root=1e-12), jnp.float32),
         (lambda: bj.adam(1e-3, b1=jnp.asarray(0.9)), jnp.float32),  # traced hyperparameter
@@ -282,7 +285,8 @@ def test_anything_else_takes_the_two_call_path(make_tx, params_dtype, rng):
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s
 
-    assert native.STEP_TARGET not in jax.jit(fused_fn).lower(params, state, grads).as_text()
+    text = jax.jit(fused_fn).lower(params, state, grads).as_text()
+    assert not any(t in text for t in native.STEP_TARGETS)
     assert bits(jax.jit(fused_fn)(params, state, grads)) == bits(
         jax.jit(two_call)(params, state, grads)
     )
@@ -464,18 +468,23 @@ def test_other_platforms_lower_without_the_kernel():
     assert bits(got) == bits(jax.jit(fresh())(p, s))
 
 
-def test_the_self_test_catches_a_kernel_that_disagrees(monkeypatch):
+@pytest.mark.parametrize("rule", list(native.RULES))
+def test_the_self_test_catches_a_kernel_that_disagrees(rule, monkeypatch):
+    # The transcription of one rule computes with its first scalar (b1 or
+    # beta) off by one part in 10⁴: the kernel then "disagrees" by far more
+    # than the bound, and the self-test must say so.
     if not bj.native_available():
         pytest.skip("native kernels unavailable")
-    real = native.scalars
+    real = reference_rules.RULES[rule]
 
-    def off_by_a_little(*args, **kwargs):
-        return real(*args, **kwargs).at[native.B1].multiply(1 - 1e-4)
+    def off_by_a_little(sc, *arrays):
+        return real([sc[0] * (1 - 1e-4), *sc[1:]], *arrays)
 
-    monkeypatch.setattr(native, "scalars", off_by_a_little)
-    monkeypatch.setattr(native, "_IN_SELF_TEST", [True])
-    message = fused.self_test()
-    assert message is not None and "differ" in message
+    monkeypatch.setitem(reference_rules.RULES, rule, off_by_a_little)
+    message = native.self_test()
+    assert message is not None and "differs" in message and rule in message
+    monkeypatch.undo()
+    assert native.self_test() is None
 
 
 def test_without_a_library_everything_runs_the_pure_path():
@@ -488,7 +497,8 @@ def test_without_a_library_everything_runs_the_pure_path():
         s = tx.init(p)
         out = jax.jit(lambda p, s: bj.fused_step(tx, jax.tree.map(jnp.sin, p), s, p))(p, s)
         text = jax.jit(lambda p, s: bj.fused_step(tx, p, s, p)).lower(p, s).as_text()
-        print(bj.native_available(), native.unavailable_reason(), native.STEP_TARGET in text)
+        print(bj.native_available(), native.unavailable_reason(),
+              any(t in text for t in native.STEP_TARGETS))
         """
     )
     env = {**os.environ, "BAYESOPT_JAX_NATIVE": "0"}
@@ -519,3 +529,121 @@ def test_build_fails_cleanly_without_a_compiler(tmp_path, monkeypatch):
 def test_the_build_script_compiles_the_library(tmp_path):
     out = build.build(tmp_path / build.library_name())
     assert out.exists() and out.stat().st_size > 0
+
+
+# The AMSGrad and σ-filter rules, native against pure, both forms. The bound
+# is counted per path against exact arithmetic, in float32 rounding units u
+# of each result's terms (the rule run in float64 on |g|, |m|, |p|):
+#   AMSGrad: m 2u, v 3u, v/(1-b2^t) 5u (the debias factor itself 1u), the
+#   maximum selects one of them, sqrt halves and adds 1u, + eps 1u, m/(1-b1^t)
+#   4u, the division 1u: ≤ 12u for u, and p = p + factor·u adds 2u.
+#   σ-filter: s 3u, ŝ 5u; the filter σ/(1 + ŝσ) + η² has condition ≤ 1 in ŝ
+#   and 4 roundings: 9u; σ* = η²/2 + η·sqrt(η²/4 + 1/ŝ): 1/ŝ 6u, the sum 7u,
+#   sqrt 4.5u, the product and the sum 6.5u; the caps multiply (κσ*: 7.5u)
+#   and select; u = σ·d with d = m/(1-b1^t) (4u): ≤ 15u, p adds 2u.
+# Two paths differ by at most the sum: 2·14 = 28u (AMSGrad), 2·17 = 34u (σ).
+RULE_BOUND = {"amsgrad": 28, "sigma": 34, "sigma_momentum": 34}
+KERNEL_OPTIMIZERS = {
+    "amsgrad": lambda: bj.amsgrad(1e-3),
+    "amsgrad raw": lambda: bj.amsgrad(3e-3, b1=0.5, b2=0.9, max_of="raw"),
+    "amsgrad uncorrected": lambda: bj.amsgrad(
+        1e-3, bias_correction_mu=False, bias_correction_nu=False
+    ),
+    "sigma_filter": lambda: bj.sigma_filter(1e-3),
+    "sigma_filter b1": lambda: bj.sigma_filter(1e-3, b1=0.9),
+    "sigma_filter raw, capped": lambda: bj.sigma_filter(
+        1e-2, beta=0.9, sigma_init=1e-3, max_ratio=None, sigma_max=5e-3
+    ),
+    "sigma_filter schedule": lambda: bj.sigma_filter(optax.linear_schedule(1e-2, 1e-3, 10)),
+    "sigma_fixed_point b1": lambda: bj.sigma_fixed_point(3e-3, b1=0.9),
+}
+
+
+def random_rule_state(tx, params, rng, count):
+    """``tx``'s state at step ``count`` with random moments (signed m, positive others)."""
+    state = tx.init(params)
+    rule_state = state[0]
+    fields = {}
+    for name in rule_state._fields:
+        tree = getattr(rule_state, name)
+        if name == "count" or tree is None:
+            continue
+        scale, signed = (1e-2, True) if name == "mu" else (1e-4, False)
+        fields[name] = {
+            k: (
+                (rng.normal(size=np.shape(p)) if signed else rng.random(size=np.shape(p)) + 0.01)
+                * scale
+            ).astype(np.float32)
+            for k, p in params.items()
+        }
+    rule_state = rule_state._replace(count=jnp.int32(count), **fields)
+    return (rule_state, *state[1:])
+
+
+def rule_magnitudes(tx, state, params, grads, how):
+    """Each result's terms in float64: the rule's transcription on |g|, |m|, |p|."""
+    from bayesopt_jax._src import engine
+
+    prepared = engine.description(engine.description(tx).parts[0]).prepare(state[0])
+    rule, sc = prepared.kernel.rule, [float(x) for x in np.asarray(prepared.kernel.scalars)]
+    factor = float(np.asarray(engine.description(tx).parts[-1].update(jnp.ones(()), state[-1])[0]))
+    present = [s for s in prepared.states if s is not None]
+    out = {}
+    for k in params:
+        args = [np.abs(np.asarray(s[k], np.float64)) for s in present]
+        g = np.abs(np.asarray(grads[k], np.float64))
+        with np.errstate(all="ignore"):
+            mags = reference_rules.RULES[rule](sc, g, *args)
+        p_mag = np.abs(np.asarray(params[k], np.float64)) + abs(factor) * mags[0]
+        out[k] = (p_mag, mags[1:])
+    return rule, out
+
+
+@needs_native
+@pytest.mark.parametrize("name", list(KERNEL_OPTIMIZERS))
+@pytest.mark.parametrize("how", ["two-call", "fused"])
+@pytest.mark.parametrize("count", [0, 5])
+def test_amsgrad_and_sigma_kernels_agree_with_the_pure_path(name, how, count, rng):
+    params, grads = tree_with_specials(rng, SHAPES)
+    tx = KERNEL_OPTIMIZERS[name]()
+    state = random_rule_state(tx, params, rng, count)
+
+    def make():
+        return make_step(tx, how)
+
+    assert uses_kernel(make(), params, state, grads)
+    got, want = both_paths(make, params, state, grads)
+    rule, mags = rule_magnitudes(tx, state, params, grads, how)
+    k_units = RULE_BOUND[rule]
+    present = [f for f in state[0]._fields if f != "count" and getattr(state[0], f) is not None]
+    tiny = float(np.finfo(np.float32).tiny)
+    for key in params:
+        p_mag, state_mags = mags[key]
+        pairs = [("p", got[0][key], want[0][key], p_mag)]
+        pairs += [
+            (f, getattr(got[1][0], f)[key], getattr(want[1][0], f)[key], m)
+            for f, m in zip(present, state_mags, strict=True)
+        ]
+        for what, a, b, scale in pairs:
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            finite = np.isfinite(b) & np.isfinite(scale)
+            np.testing.assert_array_equal(a[~finite], b[~finite], err_msg=f"{what}[{key}]")
+            err = np.abs(a[finite] - b[finite]) - 4 * tiny
+            assert np.all(err <= k_units * EPS32 * scale[finite]), (what, key)
+    assert int(got[1][0].count) == count + 1
+
+
+@needs_native
+def test_the_rule_bound_is_not_vacuous(rng):
+    # η off by one part in 10⁴ moves σ, and so p, by far more than 34 units.
+    params, grads = tree_with_specials(rng, SHAPES)
+    good_tx, bad_tx = bj.sigma_filter(1e-3), bj.sigma_filter(1e-3 * (1 + 1e-4))
+    state = random_rule_state(good_tx, params, rng, 5)
+    good = jax.jit(make_step(good_tx, "fused"))(params, state, grads)
+    bad = jax.jit(make_step(bad_tx, "fused"))(params, state, grads)
+    _, mags = rule_magnitudes(good_tx, state, params, grads, "fused")
+    sig_mag = mags["big"][1][1]
+    a = np.asarray(bad[1][0].sigma["big"], np.float64)
+    b = np.asarray(good[1][0].sigma["big"], np.float64)
+    finite = np.isfinite(b)
+    assert np.any(np.abs(a - b)[finite] > 34 * EPS32 * sig_mag[finite])

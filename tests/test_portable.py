@@ -124,7 +124,7 @@ def wheel_venv(tmp_path_factory):
 
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
-    assert any(n.startswith("bayesopt_jax/_src/native/_adam_kernels") for n in names), names
+    assert any(n.startswith("bayesopt_jax/_src/native/_kernels") for n in names), names
     # A fresh venv with only the wheel; its dependencies come from this
     # environment's site-packages through a .pth line (no network).
     venv = tmp_path / "venv"
@@ -215,4 +215,4 @@ def test_the_sdist_ships_the_license_and_the_kernel_source(tmp_path):
     (sdist,) = tmp_path.glob("bayesopt_jax-*.tar.gz")
     names = tarfile.open(sdist).getnames()
     assert any(n.endswith("/LICENSE") for n in names), names
-    assert any(n.endswith("native/adam_kernels.cc") for n in names), names
+    assert any(n.endswith("native/kernels.cc") for n in names), names

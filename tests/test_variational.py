@@ -12,7 +12,7 @@ from conftest import grad_stream
 from helpers import mesh_4x2
 
 import bayesopt_jax as bj
-from bayesopt_jax._src import variational
+from bayesopt_jax._src import native, variational
 
 N, B, DELTA = 500, 10, 0.3
 
@@ -66,7 +66,11 @@ def test_reparam_curvature_matches_formula_float64(x64, rng):
 
 
 def test_mean_step_is_the_sigma_filter_and_infinite_data_is_no_noise(rng):
-    """Given the gradients, the update is exactly sigma_filter's; N → ∞ samples the mean."""
+    """Given the gradients, the update is exactly sigma_filter's; N → ∞ samples the mean.
+
+    Both run their pure-JAX statement (the same code); ``sigma_filter``'s
+    native kernel is compared with it in tests/test_native.py.
+    """
     grads = grad_stream(rng, steps=20, dtype=np.float32)
     params = jnp.array([-1.0, -0.5, 0.25, 0.5, 1.0])  # nonzero: √v·ε ≈ 3e-15 is below half an ulp
     vtx = bj.variational_sigma_filter(1e-2, N, B, key=3)
@@ -74,7 +78,8 @@ def test_mean_step_is_the_sigma_filter_and_infinite_data_is_no_noise(rng):
     vs, fs = vtx.init(params), ftx.init(params)
     for g in grads:
         uv, vs = vtx.update(jnp.asarray(g), vs, params)
-        uf, fs = ftx.update(jnp.asarray(g), fs, params)
+        with native.pure_jax():
+            uf, fs = ftx.update(jnp.asarray(g), fs, params)
         np.testing.assert_array_equal(np.asarray(uv), np.asarray(uf))
     huge = bj.variational_sigma_filter(1e-2, 1e30, B, key=3)
     s = huge.init(params)

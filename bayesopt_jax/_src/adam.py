@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from optax._src import transform as _optax_transform
 
-from bayesopt_jax._src import moments, native, validation
+from bayesopt_jax._src import engine, moments, native, validation
 
 Array = jax.Array
 PyTree = Any
@@ -61,31 +61,27 @@ def _first_moment(g, m, b1, bc1, count, *, nesterov: bool):
     return m_new, m_hat
 
 
-def _native_moments(config, leaf, count, gs, ms, vs) -> list[tuple]:
-    """Adam's ``(u, m, v)`` for float32 leaves, by one native call on CPU.
+def _kernel_ready(b1, b2, eps, eps_root) -> bool:
+    """Whether the native rules can take these hyperparameters (Python numbers, no eps_root)."""
+    return engine.python_numbers(b1, b2, eps, eps_root) and eps_root == 0 and native.use_native()
 
-    Off the CPU, and for differentiation (``custom_jvp``), ``leaf`` (the
-    pure-JAX path) gives the same values, to within a few roundings (see
-    :func:`~bayesopt_jax.fused_step` for the bound).
+
+def _scalars(*values: Any) -> jax.Array:
+    return jnp.stack([jnp.asarray(x, jnp.float32) for x in values])
+
+
+def _moment_scalars(b1, b2, count, correct1, correct2, *, invert):
+    """``b1, 1-b1, b2, 1-b2, c1, c2``: ``c = 1-b^t`` (or ``1/(1-b^t)``), 1 where not corrected.
+
+    Formed as the pure path forms them: ``1 - b`` rounded once from the
+    Python value (:func:`moments.ema`), ``1-b^t`` by :class:`moments.Debias`.
     """
-
-    def pure(count, gs, ms, vs):
-        debias = moments.Debias(count)
-        return [leaf(g, m, v, count, debias) for g, m, v in zip(gs, ms, vs, strict=True)]
-
-    @jax.custom_jvp
-    def kernel(count, gs, ms, vs):
-        sc = native.scalars(config, count)
-        ms, vs = native.adam_moments(sc, gs, ms, vs)
-        # What XLA makes of m_hat / (sqrt(v_hat) + eps) with scalar denominators.
-        us = [
-            (m * sc[native.INV_BC1]) / (jnp.sqrt(v * sc[native.INV_BC2]) + sc[native.EPS])
-            for m, v in zip(ms, vs, strict=True)
-        ]
-        return list(zip(us, ms, vs, strict=True))
-
-    kernel.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
-    return native.on_cpu(kernel, pure, count, gs, ms, vs)
+    debias = moments.Debias(count)
+    c1 = debias(b1, jnp.float32) if correct1 else 1.0
+    c2 = debias(b2, jnp.float32) if correct2 else 1.0
+    if invert:
+        c1, c2 = (1 / c if correct else 1.0 for c, correct in ((c1, correct1), (c2, correct2)))
+    return [b1, 1 - b1, b2, 1 - b2, c1, c2]
 
 
 # Optax's own state classes: a state made here is interchangeable with one made
@@ -162,47 +158,41 @@ def scale_by_adam(
         mu, nu = _init_moments(params, mu_dtype, nu_dtype)
         return ScaleByAdamState(count=moments.zero_count(), mu=mu, nu=nu)
 
-    config = native.adam_config(
-        b1, b2, eps, eps_root, nesterov=nesterov, bias_correction=bias_correction
-    )
+    def make_leaf(count):
+        debias = moments.Debias(count)
 
-    def leaf(g, m, v, count, debias):
-        c = moments.compute_dtype(g.dtype)
-        gc = moments.to_compute(g)
-        bc1 = debias(b1, c) if bias_correction else None
-        m_new, m_hat = _first_moment(gc, m, b1, bc1, count, nesterov=nesterov)
-        v_new = moments.ema(moments.abs_sq(gc), v.astype(moments.real_dtype(c)), b2)
-        v_hat = v_new / debias(b2, c) if bias_correction else v_new
-        u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
-        return (
-            moments.store(u, g.dtype),
-            moments.store(m_new, m.dtype),
-            moments.store(v_new, v.dtype),
+        def leaf(g, m, v):
+            c = moments.compute_dtype(g.dtype)
+            gc = moments.to_compute(g)
+            bc1 = debias(b1, c) if bias_correction else None
+            m_new, m_hat = _first_moment(gc, m, b1, bc1, count, nesterov=nesterov)
+            v_new = moments.ema(moments.abs_sq(gc), v.astype(moments.real_dtype(c)), b2)
+            v_hat = v_new / debias(b2, c) if bias_correction else v_new
+            u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
+            return (
+                moments.store(u, g.dtype),
+                moments.store(m_new, m.dtype),
+                moments.store(v_new, v.dtype),
+            )
+
+        return leaf
+
+    def prepare(state):
+        count = optax.safe_increment(state.count)
+        kernel = None
+        if not nesterov and _kernel_ready(b1, b2, eps, eps_root):
+            # The "adam" rule: (m·r1) / (sqrt(v·r2) + eps) with r = 1/(1-b^t).
+            head = _moment_scalars(b1, b2, count, bias_correction, bias_correction, invert=True)
+            kernel = engine.Kernel("adam", _scalars(*head, eps, moments.clip_limit(jnp.float32)))
+        return engine.Prepared(
+            make_leaf,
+            count,
+            kernel,
+            (state.mu, state.nu),
+            lambda mu, nu: ScaleByAdamState(count=count, mu=mu, nu=nu),
         )
 
-    def update_fn(updates, state, params=None):
-        updates = moments.as_arrays(updates)
-        del params
-        moments.check_tree_match("scale_by_adam", updates, state.mu, "mu")
-        count = optax.safe_increment(state.count)
-        gs, treedef = jax.tree.flatten(updates)
-        ms, vs = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
-        leaves = list(zip(gs, ms, vs, strict=True))
-        native_ok = config is not None and native.use_native()
-        fast = [i for i, gmv in enumerate(leaves) if native_ok and native.is_native_leaf(*gmv)]
-        native_set = set(fast)
-        debias = moments.Debias(count)
-        outs = [
-            None if i in native_set else leaf(*gmv, count, debias) for i, gmv in enumerate(leaves)
-        ]
-        if fast:
-            picked = ([leaves[i][j] for i in fast] for j in range(3))
-            for i, out in zip(fast, _native_moments(config, leaf, count, *picked), strict=True):
-                outs[i] = out
-        u, mu, nu = (treedef.unflatten([out[j] for out in outs]) for j in range(3))
-        return u, ScaleByAdamState(count=count, mu=mu, nu=nu)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return engine.elementwise("scale_by_adam", init_fn, prepare, lambda state: (state.mu, "mu"))
 
 
 _MAX_OF = ("raw", "corrected")
@@ -275,11 +265,7 @@ def scale_by_amsgrad(
         nu_max = moments.tree_zeros_like(params, nu_dtype, real=True)
         return ScaleByAmsgradState(count=moments.zero_count(), mu=mu, nu=nu, nu_max=nu_max)
 
-    def update_fn(updates, state, params=None):
-        updates = moments.as_arrays(updates)
-        del params
-        moments.check_tree_match(where, updates, state.mu, "mu")
-        count = optax.safe_increment(state.count)
+    def make_leaf(count):
         debias = moments.Debias(count)
 
         def leaf(g, m, v, n):
@@ -304,12 +290,28 @@ def scale_by_amsgrad(
                 moments.store(n_new, n.dtype),
             )
 
-        u, mu, nu, nu_max = moments.tree_map_multi(
-            leaf, 4, updates, state.mu, state.nu, state.nu_max
-        )
-        return u, ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+        return leaf
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    def prepare(state):
+        count = optax.safe_increment(state.count)
+        kernel = None
+        if _kernel_ready(b1, b2, eps, eps_root):
+            # The "amsgrad" rule divides by c = 1-b^t (1 where a correction is off).
+            head = _moment_scalars(
+                b1, b2, count, bias_correction_mu, bias_correction_nu, invert=False
+            )
+            raw = 1.0 if max_of == "raw" else 0.0
+            clip = moments.clip_limit(jnp.float32)
+            kernel = engine.Kernel("amsgrad", _scalars(*head, eps, clip, raw))
+        return engine.Prepared(
+            make_leaf,
+            count,
+            kernel,
+            (state.mu, state.nu, state.nu_max),
+            lambda mu, nu, nu_max: ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max),
+        )
+
+    return engine.elementwise(where, init_fn, prepare, lambda state: (state.mu, "mu"))
 
 
 def scale_by_adamax(

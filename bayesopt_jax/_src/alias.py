@@ -13,7 +13,7 @@ import jax
 import optax
 
 from bayesopt_jax._src import adam as adam_lib
-from bayesopt_jax._src import decay, fused, moments, native, validation
+from bayesopt_jax._src import decay, engine, moments, validation
 from bayesopt_jax._src import sigma as sigma_lib
 from bayesopt_jax._src import variational as variational_lib
 
@@ -33,12 +33,18 @@ def _checked(where: str, tx: optax.GradientTransformation) -> optax.GradientTran
         validation.check_update(where, updates, state, params)
         return tx.update(updates, state, params, **extra_args)
 
-    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+    checked = optax.GradientTransformationExtraArgs(tx.init, update_fn)
+    return engine.describe(checked, engine.description(tx))
 
 
 def _lr(learning_rate: ScalarOrSchedule, where: str) -> optax.GradientTransformation:
     validation.check_learning_rate(learning_rate, where)
-    return optax.scale_by_learning_rate(learning_rate)
+    return engine.describe(optax.scale_by_learning_rate(learning_rate), engine.ScalarScale())
+
+
+def _descend() -> optax.GradientTransformation:
+    """``optax.scale(-1.0)``: the σ-filters' σ is already the step size."""
+    return engine.describe(optax.scale(-1.0), engine.ScalarScale())
 
 
 def adam(
@@ -88,15 +94,13 @@ def adam(
       Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015.
       https://arxiv.org/abs/1412.6980
     """
-    lr = _lr(learning_rate, "adam")
-    tx = optax.chain(
+    tx = engine.chain(
         adam_lib.scale_by_adam(
             b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype
         ),
-        lr,
+        _lr(learning_rate, "adam"),
     )
-    config = native.adam_config(b1, b2, eps, eps_root, nesterov=nesterov, bias_correction=True)
-    return fused.register(_checked("adam", tx), fused.AdamStepSpec(config, None, None, lr))
+    return _checked("adam", tx)
 
 
 def adamw(
@@ -149,19 +153,14 @@ def adamw(
       Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
       https://arxiv.org/abs/1711.05101
     """
-    lr = _lr(learning_rate, "adamw")
-    tx = optax.chain(
+    tx = engine.chain(
         adam_lib.scale_by_adam(
             b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype
         ),
         decay.add_decoupled_weight_decay(weight_decay, mask),
-        lr,
+        _lr(learning_rate, "adamw"),
     )
-    config = native.adam_config(b1, b2, eps, eps_root, nesterov=nesterov, bias_correction=True)
-    if not isinstance(weight_decay, int | float):
-        config = None  # a traced or scheduled decay takes the two-call path
-    wd = float(weight_decay) if config is not None else None
-    return fused.register(_checked("adamw", tx), fused.AdamStepSpec(config, wd, mask, lr))
+    return _checked("adamw", tx)
 
 
 def amsgrad(
@@ -211,7 +210,7 @@ def amsgrad(
       Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
       https://openreview.net/forum?id=ryQu7f-RZ
     """
-    tx = optax.chain(
+    tx = engine.chain(
         adam_lib.scale_by_amsgrad(
             b1,
             b2,
@@ -426,7 +425,7 @@ def sigma_filter(
       >>> bool(jnp.abs(params).max() < 0.1)
       True
     """
-    tx = optax.chain(
+    tx = engine.chain(
         sigma_lib.scale_by_sigma_filter(
             eta,
             beta,
@@ -437,7 +436,7 @@ def sigma_filter(
             sigma_max=sigma_max,
             max_ratio=max_ratio,
         ),
-        optax.scale(-1.0),
+        _descend(),
     )
     return _checked("sigma_filter", tx)
 
@@ -567,10 +566,10 @@ def sigma_fixed_point(
       >>> bool(jnp.allclose(u, -1e-3, rtol=1e-2))  # RMSProp regime: -η·sign(g)
       True
     """
-    tx = optax.chain(
+    tx = engine.chain(
         sigma_lib.scale_by_sigma_fixed_point(
             eta, beta, b1=b1, bias_correction=bias_correction, eps=eps
         ),
-        optax.scale(-1.0),
+        _descend(),
     )
     return _checked("sigma_fixed_point", tx)

@@ -9,7 +9,7 @@ import jax
 import optax
 from optax.transforms import _adding as _optax_adding
 
-from bayesopt_jax._src import moments, validation
+from bayesopt_jax._src import engine, moments, validation
 
 PyTree = Any
 
@@ -89,5 +89,7 @@ def add_decoupled_weight_decay(
 
     tx = optax.GradientTransformation(init_fn, update_fn)
     if mask is not None:
-        return optax.masked(tx, mask)
+        tx = optax.masked(tx, mask)
+    if engine.python_numbers(weight_decay):
+        engine.describe(tx, engine.WeightDecay(float(weight_decay), mask))
     return tx

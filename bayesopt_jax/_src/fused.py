@@ -1,16 +1,17 @@
 """The fused optimizer step: parameters and state updated in place in one call.
 
 Optax's two calls, ``tx.update`` then ``optax.apply_updates``, materialize the
-updates and read them again. :func:`fused_step` does both at once: for this
-package's :func:`~bayesopt_jax.adam` and :func:`~bayesopt_jax.adamw` on the
-CPU it is a single native call that reads p, g, m, v and writes p, m, v in
-place (28 bytes per float32 parameter); for any other optimizer, device or
-dtype it is exactly ``update`` followed by ``apply_updates``.
+updates and read them again. :func:`fused_step` does both at once: for a
+chain of this package whose rule has a native CPU kernel (``adam``,
+``adamw``, ``amsgrad``, ``sigma_filter``, ``sigma_fixed_point``) it is a
+single native call per group of leaves that reads p, g and the state and
+writes p and the state in place; for any other optimizer, device or dtype it
+is exactly ``update`` followed by ``apply_updates``. The chain is read from
+the description it carries (see :mod:`bayesopt_jax._src.engine`).
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, NamedTuple
 
 import jax
@@ -18,32 +19,33 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bayesopt_jax._src import native
+from bayesopt_jax._src import engine, native
 
 PyTree = Any
 
 
-class AdamStepSpec(NamedTuple):
-    """How :func:`fused_step` runs an ``adam``/``adamw`` chain natively.
+class _Plan(NamedTuple):
+    """A chain ``(elementwise rule, [weight decay,] scalar scale)`` that one kernel runs."""
 
-    The chain is ``(scale_by_adam, [weight decay,] scale_by_learning_rate)``.
-    """
-
-    config: native.AdamConfig | None
-    weight_decay: float | None
-    mask: Any
-    learning_rate: optax.GradientTransformation
+    rule: engine.Elementwise
+    decay: engine.WeightDecay | None
+    scale: optax.GradientTransformation
 
 
-# Keyed by the chain's update function, so that the optimizer object itself
-# stays an ordinary ``optax.GradientTransformation``.
-_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def register(tx: optax.GradientTransformation, spec: AdamStepSpec) -> optax.GradientTransformation:
-    """Marks ``tx`` (built by an alias) as runnable by :func:`fused_step`."""
-    _SPECS[tx.update] = spec
-    return tx
+def _plan(tx: Any) -> _Plan | None:
+    chain = engine.description(tx)
+    if not isinstance(chain, engine.Chain) or len(chain.parts) not in (2, 3):
+        return None
+    first, *middle, last = chain.parts
+    rule = engine.description(first)
+    decay = engine.description(middle[0]) if middle else None
+    if (
+        not isinstance(rule, engine.Elementwise)
+        or not isinstance(engine.description(last), engine.ScalarScale)
+        or (middle and not isinstance(decay, engine.WeightDecay))
+    ):
+        return None
+    return _Plan(rule, decay, last)
 
 
 def _two_call(tx, grads, state, params):
@@ -51,14 +53,14 @@ def _two_call(tx, grads, state, params):
     return optax.apply_updates(params, updates), state
 
 
-def _decay_flags(spec: AdamStepSpec, params: PyTree) -> list[bool] | None:
+def _decay_flags(decay: engine.WeightDecay | None, params: PyTree) -> list[bool] | None:
     """Per-leaf weight-decay flags, or ``None`` if the mask is not static."""
     leaves = jax.tree.leaves(params)
-    if spec.weight_decay is None:
+    if decay is None:
         return [False] * len(leaves)
-    if spec.mask is None:
+    if decay.mask is None:
         return [True] * len(leaves)
-    mask = spec.mask(params) if callable(spec.mask) else spec.mask
+    mask = decay.mask(params) if callable(decay.mask) else decay.mask
     try:
         # A mask may be a prefix of the parameter tree: broadcast it down.
         full = jax.tree.map(lambda flag, sub: jax.tree.map(lambda _: flag, sub), mask, params)
@@ -82,28 +84,32 @@ def fused_step(
         (u_t, s_t) = \text{tx.update}(g_t, s_{t-1}, \theta_{t-1}), \qquad
         \theta_t = \theta_{t-1} + u_t
 
-    For :func:`~bayesopt_jax.adam` and :func:`~bayesopt_jax.adamw` with
-    Python-number ``b1``, ``b2``, ``eps``, ``weight_decay``, ``eps_root=0``,
-    no Nesterov, float32 parameters and state, a static ``mask``, and the
-    native kernels built (see :func:`~bayesopt_jax.native_available`), it
-    runs on the CPU as multi-threaded calls over all leaves (64 leaves per
-    call) that update parameters and moments in place: 28 bytes per
-    parameter, where ``update`` + ``apply_updates`` need 36. Donate params
-    and state to ``jit`` to avoid copies. Everything else, and every other
-    device, runs ``tx.update`` then ``optax.apply_updates``.
+    For :func:`~bayesopt_jax.adam`, :func:`~bayesopt_jax.adamw`,
+    :func:`~bayesopt_jax.amsgrad`, :func:`~bayesopt_jax.sigma_filter` and
+    :func:`~bayesopt_jax.sigma_fixed_point` with Python-number
+    hyperparameters (η, the learning rate and schedules may be anything),
+    ``eps_root=0``, no Nesterov, float32 parameters and state, a static
+    ``mask``, and the native kernels built (see
+    :func:`~bayesopt_jax.native_available`), it runs on the CPU as
+    multi-threaded calls over all leaves (64 leaves per call) that update
+    parameters and state in place: for Adam 28 bytes per parameter, where
+    ``update`` + ``apply_updates`` need 36. Donate params and state to
+    ``jit`` to avoid copies. Everything else, and every other device, runs
+    ``tx.update`` then ``optax.apply_updates``.
 
-    Exactness: the kernel performs, per element, the float32 operations
+    Exactness: the kernel performs, per element, the float32 operations of
+    the rule as the pure path states them (for Adam
     :math:`m' = \mathrm{fma}(m, b_1, (1-b_1)g)`,
     :math:`v' = \mathrm{fma}(v, b_2, (1-b_2)g^2)`,
     :math:`u = (m' c_1)/(\sqrt{v' c_2} + \epsilon)` with
-    :math:`c_i = 1/(1-b_i^t)`, :math:`u \mathrel{+}= \lambda\theta` (as an FMA, AdamW),
-    :math:`\theta' = \mathrm{fma}(u, -\alpha, \theta)`, with ``g`` first
-    clipped to finite magnitudes below ``sqrt(max)/2`` as in the pure path.
-    The pure-JAX path computes the same formulas, but XLA regroups them
-    depending on the surrounding code, so the two agree to within 4 float32
-    rounding units of each result's terms (e.g. :math:`|b_1 m| + |(1-b_1) g|`
-    for :math:`m'`), with identical non-finite entries; the test suite
-    checks this bound for both paths in several contexts.
+    :math:`c_i = 1/(1-b_i^t)`), then :math:`u \mathrel{+}= \lambda\theta`
+    (an FMA, AdamW) and :math:`\theta' = \mathrm{fma}(u, -\alpha, \theta)`,
+    with ``g`` first clipped to finite magnitudes below ``sqrt(max)/2`` as
+    in the pure path. XLA regroups the pure path's operations depending on
+    the surrounding code, so the two agree to within a few float32 rounding
+    units of each result's terms (4 for Adam, e.g. :math:`|b_1 m| + |(1-b_1) g|`
+    for :math:`m'`; the counts for AMSGrad and the σ-filter are in the test
+    suite), with identical non-finite entries.
 
     Args:
       tx: any ``optax.GradientTransformation``.
@@ -126,22 +132,27 @@ def fused_step(
       >>> bool(jnp.abs(params["w"]).max() < 0.1)
       True
     """
-    spec = _SPECS.get(getattr(tx, "update", None))
-    if spec is None or spec.config is None or not native.use_native():
+    plan = _plan(tx)
+    if plan is None or not native.use_native():
         return _two_call(tx, grads, state, params)
-    adam_state = state[0]
+    prepared = plan.rule.prepare(state[0])
+    if prepared.kernel is None:
+        return _two_call(tx, grads, state, params)
+    present = [j for j, tree in enumerate(prepared.states) if tree is not None]
     ps, treedef = jax.tree.flatten(params)
     try:
         gs = treedef.flatten_up_to(grads)
-        ms = treedef.flatten_up_to(adam_state.mu)
-        vs = treedef.flatten_up_to(adam_state.nu)
+        cols = [treedef.flatten_up_to(prepared.states[j]) for j in present]
     except (ValueError, TypeError):
         return _two_call(tx, grads, state, params)
-    decay = _decay_flags(spec, params)
+    decay = _decay_flags(plan.decay, params)
     if (
         not ps
         or decay is None
-        or not all(native.is_native_leaf(*leaves) for leaves in zip(ps, gs, ms, vs, strict=True))
+        or not all(
+            native.is_native_leaf(p, g, *(col[i] for col in cols))
+            for i, (p, g) in enumerate(zip(ps, gs, strict=True))
+        )
     ):
         return _two_call(tx, grads, state, params)
 
@@ -151,20 +162,20 @@ def fused_step(
 
     @jax.custom_jvp
     def kernel(state, ps, gs):
-        adam_state, *middle, lr_state = state
-        count = optax.safe_increment(adam_state.count)
-        # -lr exactly as optax.scale_by_learning_rate forms it, and its new state.
-        neg_lr, lr_state = spec.learning_rate.update(jnp.ones((), jnp.float32), lr_state)
-        sc = native.scalars(
-            spec.config, count, neg_lr=neg_lr, weight_decay=spec.weight_decay or 0.0
+        rule_state, *middle, scale_state = state
+        prepared = plan.rule.prepare(rule_state)
+        # The scalar the chain multiplies by (-lr, or -1), as the chain forms it.
+        factor, scale_state = plan.scale.update(jnp.ones((), jnp.float32), scale_state)
+        wd = 0.0 if plan.decay is None else plan.decay.weight_decay
+        factor_and_decay = jnp.stack([jnp.asarray(factor, jnp.float32), jnp.float32(wd)])
+        states = [treedef.flatten_up_to(prepared.states[j]) for j in present]
+        new_ps, new = native.step(
+            prepared.kernel.rule, prepared.kernel.scalars, factor_and_decay, ps, gs, states, decay
         )
-        ms = treedef.flatten_up_to(adam_state.mu)
-        vs = treedef.flatten_up_to(adam_state.nu)
-        new_ps, new_ms, new_vs = native.adam_step(sc, ps, gs, ms, vs, decay)
-        adam_state = adam_state._replace(
-            count=count, mu=treedef.unflatten(new_ms), nu=treedef.unflatten(new_vs)
-        )
-        return new_ps, (adam_state, *middle, lr_state)
+        trees: list[Any] = [None] * len(prepared.states)
+        for slot, j in enumerate(present):
+            trees[j] = treedef.unflatten(new[slot])
+        return new_ps, (prepared.rebuild(*trees), *middle, scale_state)
 
     kernel.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
     new_ps, new_state = native.on_cpu(kernel, pure, state, ps, gs)
@@ -224,71 +235,3 @@ def native_status() -> dict[str, Any]:
         "isas": native.supported_isas(),
         "reason": native.unavailable_reason(),
     }
-
-
-def self_test() -> str | None:
-    """Checks the kernels against the pure-JAX path; returns what differs, or ``None``.
-
-    Runs once, when the native path is first needed, on this process's
-    first CPU device and on arrays it creates itself, so that in a
-    multi-process run (``jax.distributed``) every process runs the same
-    check on its own device and reaches the same decision. A few leaves
-    (one large enough to be split across threads) with ordinary, tiny, huge
-    and non-finite gradients go through both ``tx.update`` and
-    :func:`fused_step` of ``adamw`` with a mask, four steps of one fixed
-    gradient. With a fixed gradient the moments add terms of one sign and
-    every bias-corrected step has magnitude at most ``lr·(1 + wd·|θ|)``, so
-    each result is within about ten roundings of its terms on both paths:
-    ``|a - b| ≤ 16·eps·(|b| + 8·lr)`` for parameters (whose steps may cancel
-    the parameter) and ``16·eps·|b|`` for moments, with the same non-finite
-    entries.
-    """
-    from bayesopt_jax._src import alias  # the aliases import this module
-
-    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-    rng = np.random.default_rng(0)
-    sizes = [(70_001,), (3, 5), (1,)]
-    params = [rng.normal(size=s).astype(np.float32) for s in sizes]
-    grads = [rng.normal(size=s).astype(np.float32) * 1e-3 for s in sizes]
-    specials = np.array([0.0, -0.0, 1e-30, 3e38, -3e38, np.inf, -np.inf, np.nan], np.float32)
-    grads[0][: specials.size] = specials
-    tx = alias.adamw(1e-3, weight_decay=0.1, mask=[True, False, True])
-
-    def run(native_on: bool):
-        def program(p, g):  # a fresh function per run: jit caches traces per function
-            s = tx.init(p)
-            for _ in range(2):  # four steps: two-call and fused, twice
-                u, s = tx.update(g, s, p)
-                p = optax.apply_updates(p, u)
-                p, s = fused_step(tx, g, s, p)
-            return p, s
-
-        # Lowered and compiled explicitly, so that this also works when the
-        # first use happens while another function is being traced.
-        jitted = jax.jit(program, in_shardings=cpu, out_shardings=cpu)
-        if native_on:
-            compiled = jitted.lower(params, grads).compile()
-        else:
-            with native.pure_jax():
-                compiled = jitted.lower(params, grads).compile()
-        return compiled(params, grads)
-
-    got, want = run(True), run(False)
-    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(got)]
-    eps = float(np.finfo(np.float32).eps)
-    n_params = len(params)
-    for i, (where, a, b) in enumerate(
-        zip(paths, jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
-    ):
-        if a.dtype != b.dtype or a.shape != b.shape:
-            return f"the kernels return another type at {where}"
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        finite = np.isfinite(b)
-        if not np.array_equal(np.isfinite(a), finite) or not np.array_equal(
-            a[~finite], b[~finite], equal_nan=True
-        ):
-            return f"the kernels give other non-finite entries at {where}"
-        bound = 16 * eps * (np.abs(b[finite]) + (8 * 1e-3 if i < n_params else 0.0))
-        if not np.all(np.abs(a[finite] - b[finite]) <= bound):
-            return f"the kernels differ from the pure-JAX path at {where}"
-    return None

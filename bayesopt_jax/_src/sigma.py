@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from bayesopt_jax._src import moments, validation
+from bayesopt_jax._src import engine, moments, native, validation
 
 Array = jax.Array
 PyTree = Any
@@ -164,18 +164,60 @@ def _init_sigma_state(params, b1, sigma_init):
     return ScaleBySigmaFilterState(count=moments.zero_count(), mu=mu, nu=nu, sigma=sigma)
 
 
-def _sigma_transformation(where, new_sigma, eta, beta, b1, bias_correction, eps, sigma_init):
-    """The shared skeleton: evidence, direction, ``new_sigma(prev, ŝ, η, t)``, u = σ d."""
+class Guards(NamedTuple):
+    """How σ is formed from the filter step: the start and the caps (see :func:`filter_rule`)."""
+
+    sigma_init: Any = None
+    sigma_max: Any = None
+    max_ratio: Any = None
+    fixed_point: bool = False
+
+
+def _kernel(guards, eta_t, count, beta, b1, bias_correction, eps):
+    """The native "sigma"/"sigma_momentum" rule for these settings, or ``None``.
+
+    Its scalars are formed as the pure path forms them (see ``kernels.cc``
+    for the layout). ``eta`` may be traced (a schedule); the rest must be
+    Python numbers.
+    """
+    statics = [beta, b1, eps]
+    statics += [x for x in (guards.max_ratio, guards.sigma_max) if x is not None]
+    if not engine.python_numbers(*statics) or not native.use_native():
+        return None
+    f32 = jnp.float32
+    debias = moments.Debias(count)
+    momentum = not validation.is_static_zero(b1)
+    bcs = debias(beta, f32) if bias_correction else 1.0
+    bcm = debias(b1, f32) if bias_correction and momentum else 1.0
+    e = jnp.asarray(eta_t, f32)
+    first = (count == 1) if guards.sigma_init is None else False
+    ratio_on = (e > 0) if guards.max_ratio is not None else False
+    values = [
+        beta, 1 - beta, bcs, eps, e, e * e, first, ratio_on, guards.max_ratio or 0.0,
+        guards.sigma_max is not None, guards.sigma_max or 0.0, guards.fixed_point,
+        moments.clip_limit(f32), b1, 1 - b1, bcm,
+    ]  # fmt: skip
+    scalars = jnp.stack([jnp.asarray(x, f32) for x in values])
+    return engine.Kernel("sigma_momentum" if momentum else "sigma", scalars)
+
+
+def _sigma_transformation(where, guards, eta, beta, b1, bias_correction, eps):
+    """The shared skeleton: evidence, direction, σ by ``guards``, u = σ d."""
+    if guards.fixed_point:
+
+        def new_sigma(prev, s_hat, e, count):
+            del prev, count
+            return sigma_star(s_hat, e)
+
+    else:
+        new_sigma = filter_rule(guards.sigma_init, guards.sigma_max, guards.max_ratio)
 
     def init_fn(params):
-        return _init_sigma_state(params, b1, sigma_init)
+        return _init_sigma_state(params, b1, guards.sigma_init)
 
-    def update_fn(updates, state, params=None):
-        del params
-        moments.check_tree_match(where, updates, state.nu, "nu")
-        count = optax.safe_increment(state.count)
+    def make_leaf(args):
+        count, eta_t = args
         debias = moments.Debias(count)
-        eta_t = eta_at(eta, state.count)
 
         def leaf(g, m, s, sig):
             s_new, s_hat, m_new, d = evidence_and_direction(
@@ -187,11 +229,21 @@ def _sigma_transformation(where, new_sigma, eta, beta, b1, bias_correction, eps,
             u = moments.store(sig_new * d, g.dtype)
             return u, m_out, moments.store(s_new, s.dtype), moments.store(sig_new, sig.dtype)
 
-        u, mu, nu, sigma = moments.tree_map_multi(leaf, 4, updates, state.mu, state.nu, state.sigma)
-        mu = None if state.mu is None else mu
-        return u, ScaleBySigmaFilterState(count=count, mu=mu, nu=nu, sigma=sigma)
+        return leaf
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    def prepare(state):
+        count = optax.safe_increment(state.count)
+        eta_t = eta_at(eta, state.count)
+        kernel = _kernel(guards, eta_t, count, beta, b1, bias_correction, eps)
+        return engine.Prepared(
+            make_leaf,
+            (count, eta_t),
+            kernel,
+            (state.mu, state.nu, state.sigma),
+            lambda mu, nu, sigma: ScaleBySigmaFilterState(count=count, mu=mu, nu=nu, sigma=sigma),
+        )
+
+    return engine.elementwise(where, init_fn, prepare, lambda state: (state.nu, "nu"))
 
 
 def scale_by_sigma_filter(
@@ -276,8 +328,8 @@ def scale_by_sigma_filter(
             "eta", eta, low=0.0, low_inclusive=False, where=where + " (with sigma_init=None)"
         )
 
-    new_sigma = filter_rule(sigma_init, sigma_max, max_ratio)
-    return _sigma_transformation(where, new_sigma, eta, beta, b1, bias_correction, eps, sigma_init)
+    guards = Guards(sigma_init, sigma_max, max_ratio)
+    return _sigma_transformation(where, guards, eta, beta, b1, bias_correction, eps)
 
 
 def scale_by_sigma_fixed_point(
@@ -322,11 +374,8 @@ def scale_by_sigma_fixed_point(
     where = "scale_by_sigma_fixed_point"
     check_sigma_args(where, eta, beta, b1, eps)
 
-    def new_sigma(prev, s_hat, e, count):
-        del prev, count
-        return sigma_star(s_hat, e)
-
-    return _sigma_transformation(where, new_sigma, eta, beta, b1, bias_correction, eps, None)
+    guards = Guards(fixed_point=True)
+    return _sigma_transformation(where, guards, eta, beta, b1, bias_correction, eps)
 
 
 def full_posterior_step(sigma: Array, G_hat: Array, eta: Array | float) -> Array:

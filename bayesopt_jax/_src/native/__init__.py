@@ -1,5 +1,13 @@
 """The native CPU kernels: loading, registration with XLA, and their calls.
 
+The kernel layer knows rules, not optimizers: a rule (``"adam"``,
+``"amsgrad"``, ``"sigma"``, ``"sigma_momentum"``) is a fixed per-element
+arithmetic over a gradient and 2 or 3 state buffers, configured by a float32
+scalars operand laid out as ``kernels.cc`` states it. :func:`update` runs a
+rule over many leaves and returns the updates; :func:`step` also applies them
+to the parameters. Which transformation uses which rule, with which scalars,
+is decided by the transformations (see :mod:`bayesopt_jax._src.engine`).
+
 The shared library is compiled when the package is installed (``setup.py``
 runs :mod:`bayesopt_jax._src.native.build`); if that failed or was skipped,
 or ``BAYESOPT_JAX_NATIVE=0`` is set, :func:`available` is ``False`` and every
@@ -9,10 +17,11 @@ architecture's baseline and carries a copy of its loops per instruction set
 when it loads, or the one named by ``BAYESOPT_JAX_NATIVE_ISA``. All copies
 give the same bits.
 
-On first use the library is checked against the pure-JAX path on a small
-problem, on this process's own CPU device only, so every process of a
-multi-process run reaches the same decision; a disagreement beyond the
-rounding bound, or any error, turns it off with a warning.
+On first use every kernel is checked against a float64 NumPy transcription of
+its rule (:mod:`.reference`) on a small problem, on this process's own CPU
+device only, so every process of a multi-process run reaches the same
+decision; a disagreement beyond the rounding bound, or any error, turns the
+kernels off with a warning.
 """
 
 from __future__ import annotations
@@ -38,22 +47,45 @@ from jax.experimental.custom_partitioning import (
 from jax.sharding import NamedSharding, PartitionSpec
 from jaxlib.mlir import ir
 
-from bayesopt_jax._src import moments
+from bayesopt_jax._src.native import reference
 
 HERE = Path(__file__).resolve().parent
-MOMENTS_TARGET = "bayesopt_jax_adam_moments_f32"
-STEP_TARGET = "bayesopt_jax_adam_step_f32"
-STREAM_TARGET = "bayesopt_jax_stream_f32"
-ABI_VERSION = 3
+ABI_VERSION = 4
 
-# Slots of the float32 scalars operand (the Scalar enum of adam_kernels.cc).
-B1, C1, B2, C2, INV_BC1, INV_BC2, EPS, NEG_LR, WEIGHT_DECAY, CLIP = range(10)
-NUM_SCALARS = 10
+
+class Rule(NamedTuple):
+    """A rule of ``kernels.cc``: its number of state buffers and of scalars."""
+
+    states: int
+    scalars: int
+    symbol: str  # the handlers are Bj<symbol>UpdateF32 and Bj<symbol>StepF32
+
+
+RULES = {
+    "adam": Rule(2, 8, "Adam"),
+    "amsgrad": Rule(3, 9, "Amsgrad"),
+    "sigma": Rule(2, 16, "Sigma"),
+    "sigma_momentum": Rule(3, 16, "SigmaMomentum"),
+}
+STREAM_TARGET = "bayesopt_jax_stream_f32"
+
+
+def update_target(rule: str) -> str:
+    return f"bayesopt_jax_{rule}_update_f32"
+
+
+def step_target(rule: str) -> str:
+    return f"bayesopt_jax_{rule}_step_f32"
+
+
+UPDATE_TARGETS = tuple(update_target(r) for r in RULES)
+STEP_TARGETS = tuple(step_target(r) for r in RULES)
+TARGETS = UPDATE_TARGETS + STEP_TARGETS
 
 
 def library_path() -> Path | None:
     """The compiled library next to this file, if there is one."""
-    found = sorted(HERE.glob("_adam_kernels*.so")) + sorted(HERE.glob("_adam_kernels*.dylib"))
+    found = sorted(HERE.glob("_kernels*.so")) + sorted(HERE.glob("_kernels*.dylib"))
     return found[0] if found else None
 
 
@@ -80,12 +112,13 @@ def _load() -> str | None:
         want = os.environ.get("BAYESOPT_JAX_NATIVE_ISA", "auto")
         if why := select_isa(want):
             return why
-        jax.ffi.register_ffi_target(
-            MOMENTS_TARGET, jax.ffi.pycapsule(lib.BjAdamMomentsF32), platform="cpu"
-        )
-        jax.ffi.register_ffi_target(
-            STEP_TARGET, jax.ffi.pycapsule(lib.BjAdamStepF32), platform="cpu"
-        )
+        for name, rule in RULES.items():
+            for target, handler in [
+                (update_target(name), f"Bj{rule.symbol}UpdateF32"),
+                (step_target(name), f"Bj{rule.symbol}StepF32"),
+            ]:
+                capsule = jax.ffi.pycapsule(getattr(lib, handler))
+                jax.ffi.register_ffi_target(target, capsule, platform="cpu")
         jax.ffi.register_ffi_target(
             STREAM_TARGET, jax.ffi.pycapsule(lib.BjStreamF32), platform="cpu"
         )
@@ -131,21 +164,12 @@ def isa() -> str | None:
 _SELF_TEST_RESULT: list[str | None] = []
 
 
-_IN_SELF_TEST = [False]
-
-
 def available() -> bool:
-    """Whether the native kernels are built, loaded and agree with pure JAX."""
-    if _IN_SELF_TEST[0]:
-        return True
+    """Whether the native kernels are built, loaded and agree with their transcriptions."""
     if not _SELF_TEST_RESULT:
         why = _load()
         if why is None:
-            _IN_SELF_TEST[0] = True
-            try:
-                why = _self_test()
-            finally:
-                _IN_SELF_TEST[0] = False
+            why = _self_test()
             if why is not None:
                 warnings.warn(
                     f"bayesopt_jax: native CPU kernels disabled, pure-JAX path used: {why}",
@@ -163,11 +187,8 @@ def unavailable_reason() -> str | None:
 
 
 def _self_test() -> str | None:
-    # Imported here: adam imports this module.
-    from bayesopt_jax._src import fused
-
     try:
-        return fused.self_test()
+        return self_test()
     except Exception as err:  # any failure means "do not use"
         return f"{type(err).__name__}: {err}"
 
@@ -202,34 +223,8 @@ def on_cpu(kernel: Any, pure: Any, *args: Any) -> Any:
     return jax.lax.platform_dependent(*args, cpu=kernel, default=pure)
 
 
-class AdamConfig(NamedTuple):
-    """The static hyperparameters of an Adam update that the kernels handle."""
-
-    b1: float
-    b2: float
-    eps: float
-    bias_correction: bool
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
-
-
-def adam_config(
-    b1: Any, b2: Any, eps: Any, eps_root: Any, *, nesterov: bool, bias_correction: bool
-) -> AdamConfig | None:
-    """The kernel configuration for these hyperparameters, or ``None`` if unsupported.
-
-    Supported: Python-number ``b1``, ``b2``, ``eps``, ``eps_root == 0`` and no
-    Nesterov look-ahead. Traced or injected hyperparameters take the pure path.
-    """
-    if nesterov or not all(_number(x) for x in (b1, b2, eps, eps_root)) or eps_root != 0:
-        return None
-    return AdamConfig(float(b1), float(b2), float(eps), bool(bias_correction))
-
-
 def is_native_leaf(*arrays: Any) -> bool:
-    """Whether these leaves (gradient, moments, parameters) are all float32 of one shape."""
+    """Whether these leaves (gradient, state, parameters) are all float32 of one shape."""
     shape = jnp.shape(arrays[0])
     return all(
         jnp.result_type(a) == jnp.float32 and jnp.shape(a) == shape and jnp.size(a) > 0
@@ -237,72 +232,47 @@ def is_native_leaf(*arrays: Any) -> bool:
     )
 
 
-def scalars(
-    config: AdamConfig,
-    count: jax.Array,
-    *,
-    neg_lr: Any = 0.0,
-    weight_decay: Any = 0.0,
-) -> jax.Array:
-    """The kernels' float32 scalars operand, computed as the pure-JAX path computes them."""
-    f32 = jnp.float32
-    if config.bias_correction:
-        debias = moments.Debias(count)
-        inv_bc1 = 1 / debias(config.b1, f32)
-        inv_bc2 = 1 / debias(config.b2, f32)
-    else:
-        inv_bc1 = inv_bc2 = 1.0
-    # ``1 - b`` is rounded once from the Python value, as moments.ema does.
-    values = [
-        config.b1,
-        1 - config.b1,
-        config.b2,
-        1 - config.b2,
-        inv_bc1,
-        inv_bc2,
-        config.eps,
-        neg_lr,
-        weight_decay,
-        moments.clip_limit(f32),
-    ]
-    return jnp.stack([jnp.asarray(x, f32) for x in values])
-
-
-def _local_moments(static, scalars, *leaves):
-    """The moments kernel on whole (or per-device) arrays."""
-    k = len(leaves) // 3
+def _local_update(static, scalars, *leaves):
+    """A rule's update kernel on whole (or per-device) arrays: ``(u, *state)``."""
+    rule = static[0]
+    groups = 1 + RULES[rule].states
+    k = len(leaves) // groups
     call = jax.ffi.ffi_call(
-        MOMENTS_TARGET,
+        update_target(rule),
         # Each result has its input's type, sharding and varying axes included.
-        [jax.typeof(x) for x in leaves[k:]],
-        input_output_aliases={1 + k + i: i for i in range(2 * k)},
+        [jax.typeof(x) for x in leaves],
+        input_output_aliases={1 + k + i: k + i for i in range(k * (groups - 1))},
         vmap_method="sequential",
     )
     return list(call(scalars, *leaves))
 
 
-def _local_step(static, scalars, *leaves):
-    """The fused-step kernel on whole (or per-device) arrays."""
-    k = len(leaves) // 4
-    shapes = [jax.typeof(x) for x in leaves[:k]] * 3
+def _local_step(static, scalars, step, *leaves):
+    """A rule's step kernel on whole (or per-device) arrays: ``(p, *state)``."""
+    rule, decay = static
+    groups = 2 + RULES[rule].states
+    k = len(leaves) // groups
+    outs = [*leaves[:k], *leaves[2 * k :]]
     call = jax.ffi.ffi_call(
-        STEP_TARGET,
-        shapes,
+        step_target(rule),
+        [jax.typeof(x) for x in outs],
         input_output_aliases={
-            **{1 + i: i for i in range(k)},
-            **{1 + 2 * k + i: k + i for i in range(2 * k)},
+            **{2 + i: i for i in range(k)},
+            **{2 + 2 * k + i: k + i for i in range(len(outs) - k)},
         },
         vmap_method="sequential",
     )
-    return list(call(scalars, *leaves, decay=np.asarray(static, np.int64)))
+    return list(call(scalars, step, *leaves, decay=np.asarray(decay, np.int64)))
 
 
-def _elementwise(local: Any, in_groups: int, out_groups: int) -> Any:
+def _partitionable(local: Any, n_scalars: int, groups: Any) -> Any:
     """``local`` made partitionable: under a sharded ``jit`` each device runs it on its shards.
 
     The kernels are elementwise over leaves, so leaf i of every group shares
-    one sharding and nothing is communicated; the scalars are replicated.
-    Single-device and ``shard_map``/``pmap`` bodies call ``local`` directly.
+    one sharding and nothing is communicated; the ``n_scalars`` leading
+    operands are replicated. ``groups(static)`` gives the number of leaf
+    groups in and out. Single-device and ``shard_map``/``pmap`` bodies call
+    ``local`` directly.
     """
     fn = custom_partitioning(local, static_argnums=(0,))
 
@@ -310,20 +280,24 @@ def _elementwise(local: Any, in_groups: int, out_groups: int) -> Any:
         return ArrayMapping(*[f"l{i}_d{d}" for d in range(rank)])
 
     def rule(static, mesh, operand_types, result_types):
-        del static, mesh, result_types
-        ranks = [len(ir.RankedTensorType(t).shape) for t in operand_types[1:]]
+        del mesh, result_types
+        in_groups, out_groups = groups(static)
+        ranks = [len(ir.RankedTensorType(t).shape) for t in operand_types[n_scalars:]]
         k = len(ranks) // in_groups
         per_leaf = [leaf_factors(i, ranks[i]) for i in range(k)]
+        names = [f"scalars{j}" for j in range(n_scalars)]
         return SdyShardingRule(
-            operand_mappings=(ArrayMapping("scalars"), *(per_leaf * in_groups)),
+            operand_mappings=(*(ArrayMapping(n) for n in names), *(per_leaf * in_groups)),
             result_mappings=tuple(per_leaf * out_groups),
-            need_replication_factors=("scalars",),
+            need_replication_factors=tuple(names),
         )
 
     def partition(static, mesh, arg_shapes, result_shape):
-        k = (len(arg_shapes) - 1) // in_groups
-        leaf_shardings = [arg_shapes[1 + i].sharding for i in range(k)]
-        arg_shardings = (NamedSharding(mesh, PartitionSpec()), *(leaf_shardings * in_groups))
+        in_groups, out_groups = groups(static)
+        k = (len(arg_shapes) - n_scalars) // in_groups
+        leaf_shardings = [arg_shapes[n_scalars + i].sharding for i in range(k)]
+        replicated = NamedSharding(mesh, PartitionSpec())
+        arg_shardings = (*[replicated] * n_scalars, *(leaf_shardings * in_groups))
         return (
             mesh,
             functools.partial(local, static),
@@ -335,11 +309,21 @@ def _elementwise(local: Any, in_groups: int, out_groups: int) -> Any:
     return fn
 
 
-_moments_call = _elementwise(_local_moments, in_groups=3, out_groups=2)
-_step_call = _elementwise(_local_step, in_groups=4, out_groups=3)
+def _update_groups(static):
+    n = 1 + RULES[static[0]].states
+    return n, n
 
 
-def _batchable(call: Any, static: Any) -> Any:
+def _step_groups(static):
+    n = RULES[static[0]].states
+    return 2 + n, 1 + n
+
+
+_update_call = _partitionable(_local_update, 1, _update_groups)
+_step_call = _partitionable(_local_step, 2, _step_groups)
+
+
+def _batchable(call: Any, static: Any, n_scalars: int) -> Any:
     """``call(static, ...)`` with a ``vmap`` rule (``custom_partitioning`` has none).
 
     The kernels are elementwise, so a batch of leaves is just more elements:
@@ -348,19 +332,24 @@ def _batchable(call: Any, static: Any) -> Any:
     """
 
     @custom_batching.custom_vmap
-    def fn(scalars, *leaves):
-        return call(static, scalars, *leaves)
+    def fn(*operands):
+        return call(static, *operands)
 
     @fn.def_vmap
-    def rule(axis_size, in_batched, scalars, *leaves):
+    def rule(axis_size, in_batched, *operands):
+        scalars, leaves = operands[:n_scalars], operands[n_scalars:]
         leaves = [
             x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-            for x, batched in zip(leaves, in_batched[1:], strict=True)
+            for x, batched in zip(leaves, in_batched[n_scalars:], strict=True)
         ]
-        if in_batched[0]:
-            out = jax.lax.map(lambda a: fn(a[0], *a[1]), (scalars, leaves))
+        if any(in_batched[:n_scalars]):
+            scalars = [
+                x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+                for x, batched in zip(scalars, in_batched[:n_scalars], strict=True)
+            ]
+            out = jax.lax.map(lambda a: fn(*a[0], *a[1]), (scalars, leaves))
         else:
-            out = fn(scalars, *leaves)
+            out = fn(*scalars, *leaves)
         return out, [True] * len(out)
 
     return fn
@@ -386,27 +375,113 @@ def stream(y: jax.Array, xs: list, a: float) -> list:
     return list(call(y, *xs, a=np.float32(a)))
 
 
-def adam_moments(scalars: jax.Array, gs: list, ms: list, vs: list) -> tuple[list, list]:
-    """The new ``(m, v)`` of every leaf, updated in place, in a few calls."""
-    new_ms, new_vs = [], []
+def update(rule: str, scalars: jax.Array, gs: list, states: list[list]) -> tuple[list, list[list]]:
+    """Runs ``rule`` over every leaf: the updates and the new state (in place), in a few calls.
+
+    ``states`` holds one list of leaves per state buffer of the rule.
+    """
+    check_rule(rule, scalars, states)
+    if _eager(scalars, gs, states):
+        # Outside ``jit`` the partitioning rule is not applied: run it under
+        # ``jit`` so that sharded leaves keep their shardings.
+        return _jitted_update(rule, scalars, gs, states)
+    us, new = [], [[] for _ in states]
     for part in _groups(len(gs)):
         k = len(gs[part])
-        out = _batchable(_moments_call, ())(scalars, *gs[part], *ms[part], *vs[part])
-        new_ms += out[:k]
-        new_vs += out[k:]
-    return new_ms, new_vs
+        operands = [x for group in (gs, *states) for x in group[part]]
+        out = _batchable(_update_call, (rule,), 1)(scalars, *operands)
+        us += out[:k]
+        for j in range(len(states)):
+            new[j] += out[(1 + j) * k : (2 + j) * k]
+    return us, new
 
 
-def adam_step(
-    scalars: jax.Array, ps: list, gs: list, ms: list, vs: list, decay: list[bool]
-) -> tuple[list, list, list]:
-    """The new ``(p, m, v)`` of every leaf, all updated in place, in a few calls."""
-    new_ps, new_ms, new_vs = [], [], []
+def step(
+    rule: str,
+    scalars: jax.Array,
+    factor_and_decay: jax.Array,
+    ps: list,
+    gs: list,
+    states: list[list],
+    decay: list[bool],
+) -> tuple[list, list[list]]:
+    """Runs ``rule`` and applies its update: ``p ← p + factor·(u + wd·p [where decay])``.
+
+    ``factor_and_decay`` is float32 ``[factor, wd]``. Parameters and state
+    are updated in place; returns the new parameters and state.
+    """
+    check_rule(rule, scalars, states)
+    if _eager(scalars, factor_and_decay, ps, gs, states):
+        return _jitted_step(rule, scalars, factor_and_decay, ps, gs, states, tuple(decay))
+    new_ps, new = [], [[] for _ in states]
     for part in _groups(len(ps)):
         k = len(ps[part])
-        static = tuple(int(d) for d in decay[part])
-        out = _batchable(_step_call, static)(scalars, *ps[part], *gs[part], *ms[part], *vs[part])
+        static = (rule, tuple(int(d) for d in decay[part]))
+        operands = [x for group in (ps, gs, *states) for x in group[part]]
+        out = _batchable(_step_call, static, 2)(scalars, factor_and_decay, *operands)
         new_ps += out[:k]
-        new_ms += out[k : 2 * k]
-        new_vs += out[2 * k :]
-    return new_ps, new_ms, new_vs
+        for j in range(len(states)):
+            new[j] += out[(1 + j) * k : (2 + j) * k]
+    return new_ps, new
+
+
+def _eager(*trees: Any) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
+
+
+_jitted_update = jax.jit(lambda *a: update(*a), static_argnums=0)
+_jitted_step = jax.jit(lambda *a: step(*a[:-1], list(a[-1])), static_argnums=(0, 6))
+
+
+def check_rule(rule: str, scalars: jax.Array, states: list) -> None:
+    if rule not in RULES:
+        raise ValueError(f"no native rule {rule!r}; known: {sorted(RULES)}")
+    want = RULES[rule]
+    if len(states) != want.states or jnp.shape(scalars) != (want.scalars,):
+        raise ValueError(
+            f"rule {rule!r} takes {want.states} state buffers and {want.scalars} scalars, "
+            f"got {len(states)} and shape {jnp.shape(scalars)}"
+        )
+
+
+def self_test() -> str | None:
+    """Checks every kernel against its transcription; returns what differs, or ``None``.
+
+    Runs once, when the native path is first needed, on this process's
+    first CPU device and on arrays it creates itself, so that in a
+    multi-process run (``jax.distributed``) every process runs the same
+    check on its own device and reaches the same decision. For every rule
+    and every branch of it (see :func:`.reference.cases`), a few leaves (one large
+    enough to be split across threads) with ordinary, tiny, huge and
+    non-finite gradients go through the update kernel and the step kernel
+    (weight decay on two of the three leaves); every result must be within
+    64 float32 rounding units of its terms' magnitude of the float64 value,
+    with the same non-finite entries.
+    """
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    rng = np.random.default_rng(0)
+    factor, wd = -1e-3, 0.1
+    decay = [True, False, True]
+    for rule, sc in reference.cases():
+        ps, gs, states = reference.inputs(rule, rng)
+        k = len(ps)
+
+        def program(sc, fw, ps, gs, states, rule=rule):
+            us, new = update(rule, sc, gs, states)
+            new_ps, stepped = step(rule, sc, fw, ps, gs, states, decay)
+            return us, new, new_ps, stepped
+
+        fw = np.asarray([factor, wd], np.float32)
+        # Lowered and compiled explicitly, so that this also works when the
+        # first use happens while another function is being traced.
+        jitted = jax.jit(program, in_shardings=cpu, out_shardings=cpu)
+        us, new, new_ps, stepped = jitted.lower(sc, fw, ps, gs, states).compile()(
+            sc, fw, ps, gs, states
+        )
+        for i in range(k):
+            why = reference.check_leaf(
+                i, rule, sc, fw, ps, gs, states, us, new, new_ps, stepped, decay
+            )
+            if why is not None:
+                return why
+    return None

@@ -1,0 +1,193 @@
+"""The elementwise engine: one executor for every per-leaf transformation.
+
+A transformation states its per-leaf arithmetic once, in pure JAX, as
+``leaf(g, *state) -> (u, *new_state)``; that is the reference and the
+path on GPUs and TPUs. If a native CPU rule computes the same thing (see
+:mod:`bayesopt_jax._src.native`), the transformation also names it with its
+scalars operand. :func:`apply` then runs the float32 leaves through the
+native kernel in a few multi-threaded calls and every other leaf (other
+dtypes, other devices, traced hyperparameters) through the pure statement.
+
+Transformations also carry a *description* of themselves on their
+``update`` function (an attribute; the object stays an ordinary
+``optax.GradientTransformation``). :func:`~bayesopt_jax.fused_step` reads
+the description of the chain it is given to run a whole step in one call;
+nothing is registered anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from bayesopt_jax._src import moments, native
+
+PyTree = Any
+_ATTRIBUTE = "__bayesopt_jax_description__"
+
+
+class Kernel(NamedTuple):
+    """A native rule and its float32 scalars operand for this step."""
+
+    rule: str
+    scalars: jax.Array
+
+
+class Prepared(NamedTuple):
+    """One step of an elementwise transformation, ready to run over the leaves.
+
+    Attributes:
+      make_leaf: ``args -> leaf``, the per-leaf pure-JAX function
+        ``leaf(g, *state) -> (u, *new_state)`` (a state that is ``None`` is
+        passed and returned as ``None``).
+      args: the step's traced values that ``make_leaf`` needs (step count,
+        scheduled hyperparameters); passed explicitly so that the native
+        path can be differentiated through the pure one.
+      kernel: the native rule computing the same thing, or ``None``.
+      states: the state trees the leaves read (``None`` where absent).
+      rebuild: ``(*new_state_trees) -> new_state``.
+    """
+
+    make_leaf: Callable[[Any], Callable[..., Sequence[Any]]]
+    args: Any
+    kernel: Kernel | None
+    states: tuple
+    rebuild: Callable[..., Any]
+
+
+class Elementwise(NamedTuple):
+    """Description of an elementwise transformation: ``prepare(state) -> Prepared``."""
+
+    prepare: Callable[[Any], Prepared]
+
+
+class WeightDecay(NamedTuple):
+    """Description of a decoupled weight decay with a constant rate."""
+
+    weight_decay: float
+    mask: Any
+
+
+class ScalarScale(NamedTuple):
+    """Description of a transformation that multiplies every update by one scalar.
+
+    Its ``update`` applied to the scalar 1 gives that scalar and the new state.
+    """
+
+
+class Chain(NamedTuple):
+    """Description of a chain: its transformations, in order."""
+
+    parts: tuple
+
+
+def describe(tx: optax.GradientTransformation, description: Any) -> Any:
+    """Attaches ``description`` to ``tx`` (on its ``update`` function) and returns ``tx``."""
+    setattr(tx.update, _ATTRIBUTE, description)
+    return tx
+
+
+def description(tx: Any) -> Any:
+    """What :func:`describe` attached to ``tx``, or ``None``."""
+    return getattr(getattr(tx, "update", None), _ATTRIBUTE, None)
+
+
+def chain(*txs: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``optax.chain(*txs)``, described as the chain of ``txs``."""
+    return describe(optax.chain(*txs), Chain(tuple(txs)))
+
+
+def elementwise(
+    where: str,
+    init: Callable[[PyTree], Any],
+    prepare: Callable[[Any], Prepared],
+    checked_against: Callable[[Any], tuple[PyTree, str]],
+) -> optax.GradientTransformation:
+    """A transformation from its ``init`` and its per-step ``prepare``.
+
+    ``checked_against(state)`` names the state tree the updates must match
+    (and how to call it in the error message).
+    """
+
+    def update_fn(updates, state, params=None):
+        del params
+        updates = moments.as_arrays(updates)
+        tree, name = checked_against(state)
+        moments.check_tree_match(where, updates, tree, name)
+        prepared = prepare(state)
+        u, new_states = apply(prepared, updates)
+        return u, prepared.rebuild(*new_states)
+
+    return describe(optax.GradientTransformation(init, update_fn), Elementwise(prepare))
+
+
+def apply(prepared: Prepared, grads: PyTree) -> tuple[PyTree, tuple]:
+    """Runs one step over every leaf: ``(updates, new state trees)``.
+
+    Float32 leaves whose state is float32 too go through the native kernel
+    when there is one and it is in use; the rest through the pure statement.
+    """
+    gs, treedef = jax.tree.flatten(grads)
+    cols = [None if s is None else treedef.flatten_up_to(s) for s in prepared.states]
+    present = [j for j, col in enumerate(cols) if col is not None]
+    rows = [(g, *(None if col is None else col[i] for col in cols)) for i, g in enumerate(gs)]
+    use = prepared.kernel is not None and native.use_native()
+    fast = [
+        i
+        for i, row in enumerate(rows)
+        if use and native.is_native_leaf(row[0], *(row[1 + j] for j in present))
+    ]
+    outs: list[Any] = [None] * len(rows)
+    fast_set = set(fast)
+    if len(fast_set) < len(rows):
+        leaf = prepared.make_leaf(prepared.args)
+        for i, row in enumerate(rows):
+            if i not in fast_set:
+                outs[i] = tuple(leaf(*row))
+    if fast:
+        picked_g = [rows[i][0] for i in fast]
+        picked_s = [[rows[i][1 + j] for i in fast] for j in present]
+        us, new = _native(prepared, present, picked_g, picked_s)
+        for n, i in enumerate(fast):
+            out: list[Any] = [us[n]] + [None] * len(cols)
+            for slot, j in enumerate(present):
+                out[1 + j] = new[slot][n]
+            outs[i] = tuple(out)
+    trees = [treedef.unflatten([o[k] for o in outs]) for k in range(1 + len(cols))]
+    new_states = tuple(None if cols[j] is None else trees[1 + j] for j in range(len(cols)))
+    return trees[0], new_states
+
+
+def _native(prepared: Prepared, present: list[int], gs: list, states: list[list]):
+    """The native update of these leaves; its derivative is the pure path's."""
+    n_states = len(prepared.states)
+
+    def pure(scalars, args, gs, states):
+        del scalars
+        leaf = prepared.make_leaf(args)
+        us, new = [], [[] for _ in present]
+        for i, g in enumerate(gs):
+            row: list[Any] = [None] * n_states
+            for slot, j in enumerate(present):
+                row[j] = states[slot][i]
+            out = leaf(g, *row)
+            us.append(out[0])
+            for slot, j in enumerate(present):
+                new[slot].append(out[1 + j])
+        return us, new
+
+    @jax.custom_jvp
+    def kernel(scalars, args, gs, states):
+        del args
+        return native.update(prepared.kernel.rule, scalars, gs, states)
+
+    kernel.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
+    return native.on_cpu(kernel, pure, prepared.kernel.scalars, prepared.args, gs, states)
+
+
+def python_numbers(*values: Any) -> bool:
+    """Whether every value is a plain Python number (what the kernels' scalars need)."""
+    return all(isinstance(x, int | float) and not isinstance(x, bool) for x in values)

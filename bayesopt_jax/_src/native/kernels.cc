@@ -1,0 +1,608 @@
+// Multi-tensor, in-place elementwise kernels for XLA's CPU backend (jax.ffi).
+//
+// A *rule* is the per-element arithmetic of one state update: it reads a
+// gradient g and the rule's state (1 to 3 floats), writes the new state and
+// returns the update u. The kernel layer runs rules over many leaves; it
+// knows nothing of optimizers, chains or steps. Each rule has two kernels:
+//
+//   update:  args  scalars, g[0..k), s0[0..k), s1[0..k) [, s2[0..k)]
+//            rets  u[0..k), s0[0..k), s1[0..k) [, s2[0..k)]
+//   step:    args  scalars, step[2], p[0..k), g[0..k), s0.., s1.. [, s2..]
+//            rets  p[0..k), s0[0..k), s1[0..k) [, s2[0..k)]
+//            attr  decay: int64[k], 1 where weight decay applies
+//
+// (k = number of leaves). The step kernel also applies the update to the
+// parameters: p ← fma(u + wd·p [if decay], factor, p) with step = [factor, wd]
+// (factor is -learning_rate, or whatever scalar the chain multiplies by).
+// State buffers alias their inputs (jax.ffi.ffi_call's input_output_aliases),
+// so the state and, in the step kernel, the parameters are updated in place.
+//
+// One call processes every leaf it is given: the leaves are cut into
+// chunks, and the chunks are shared between the calling thread and helpers
+// scheduled on XLA's intra-op thread pool.
+//
+// Every element is computed by one fixed sequence of IEEE float32
+// operations, written out below (the file is built with -ffp-contract=off,
+// so only the explicit fmaf calls fuse). XLA compiles the pure-JAX statement
+// of the same rule differently in different contexts (it regroups divisions
+// by scalars, folds constants, contracts products into FMAs), so the test
+// suite bounds the difference in rounding units of each result's terms.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#define BJ_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// g where it is finite, clipped to [-clip, clip]; non-finite values pass
+// through. Branch-free so that the loops vectorize.
+BJ_ALWAYS_INLINE float ClipFinite(float g, float clip) {
+  uint32_t bits;
+  std::memcpy(&bits, &g, sizeof(bits));
+  const bool finite = (bits & 0x7f800000u) != 0x7f800000u;
+  const float low = g < -clip ? -clip : g;
+  const float clipped = low > clip ? clip : low;
+  return finite ? clipped : g;
+}
+
+// Minimum and maximum that return NaN when either operand is NaN (as XLA's
+// minimum and maximum do; std::fmin and std::fmax drop the NaN).
+BJ_ALWAYS_INLINE float MinNan(float a, float b) {
+  const float m = a < b ? a : b;
+  return a != a ? a : (b != b ? b : m);
+}
+BJ_ALWAYS_INLINE float MaxNan(float a, float b) {
+  const float m = a > b ? a : b;
+  return a != a ? a : (b != b ? b : m);
+}
+
+// ---------------------------------------------------------------------------
+// The rules. Each states its scalars (the float32 operand, in this order),
+// its state and its per-element arithmetic, once. Every instruction-set copy
+// below inlines these bodies; each operation is a correctly rounded IEEE
+// operation (multiply, divide, fused multiply-add, square root), so every
+// copy gives the same bits.
+// ---------------------------------------------------------------------------
+
+// Adam: state (m, v).
+//   scalars: b1, 1-b1, b2, 1-b2, 1/(1-b1^t), 1/(1-b2^t), eps, clip
+//   m ← fma(m, b1, (1-b1)·g), v ← fma(v, b2, (g·g)·(1-b2))
+//   u = (m·r1) / (sqrt(v·r2) + eps)
+struct Adam {
+  static constexpr int kStates = 2;
+  static constexpr int kScalars = 8;
+  struct K {
+    float b1, c1, b2, c2, r1, r2, eps, clip;
+  };
+  static K Read(const float* s) { return K{s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]}; }
+  static BJ_ALWAYS_INLINE float Element(const K& k, float g, float& m, float& v, float&) {
+    const float gc = ClipFinite(g, k.clip);
+    m = std::fmaf(m, k.b1, gc * k.c1);
+    v = std::fmaf(v, k.b2, (gc * gc) * k.c2);
+    return (m * k.r1) / (std::sqrt(v * k.r2) + k.eps);
+  }
+};
+
+// AMSGrad: state (m, v, n), n the running maximum.
+//   scalars: b1, 1-b1, b2, 1-b2, 1-b1^t, 1-b2^t (1 where a correction is
+//            off), eps, clip, raw (1: n is the maximum of the raw v, 0: of
+//            the corrected v)
+//   m ← fma(m, b1, (1-b1)·g), v ← fma(v, b2, (g·g)·(1-b2))
+//   raw:       n ← max(n, v),        u = (m/bc1) / (sqrt(n/bc2) + eps)
+//   corrected: n ← max(n, v/bc2),    u = (m/bc1) / (sqrt(n) + eps)
+struct Amsgrad {
+  static constexpr int kStates = 3;
+  static constexpr int kScalars = 9;
+  struct K {
+    float b1, c1, b2, c2, bc1, bc2, eps, clip, raw;
+  };
+  static K Read(const float* s) { return K{s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8]}; }
+  static BJ_ALWAYS_INLINE float Element(const K& k, float g, float& m, float& v, float& n) {
+    const float gc = ClipFinite(g, k.clip);
+    m = std::fmaf(m, k.b1, gc * k.c1);
+    v = std::fmaf(v, k.b2, (gc * gc) * k.c2);
+    // Both branches are computed and one is selected, so that the loop
+    // has no control flow and vectorizes.
+    const float v_hat = v / k.bc2;
+    n = MaxNan(n, k.raw != 0.0f ? v : v_hat);
+    const float n_hat = n / k.bc2;
+    return (m / k.bc1) / (std::sqrt(k.raw != 0.0f ? n_hat : n) + k.eps);
+  }
+};
+
+// The σ-filter and its fixed point: state ([m,] s, σ).
+//   scalars: beta, 1-beta, 1-beta^t, floor, eta, eta², first, ratio_on,
+//            kappa, max_on, sigma_max, fixed, clip, b1, 1-b1, 1-b1^t
+//            (the corrections are 1 where they are off; first, ratio_on,
+//            max_on and fixed are 0 or 1)
+//   s ← fma(s, beta, (g·g)·(1-beta)),  ŝ = s/(1-beta^t) + floor
+//   d = g (no m), or m ← fma(m, b1, (1-b1)·g), d = m/(1-b1^t)
+//   σ* = eta²/2 + eta·sqrt(eta²/4 + 1/ŝ)
+//   σ ← σ* if fixed or first, else σ/(1 + ŝ·σ) + eta²
+//   σ ← min(σ, kappa·σ*) if ratio_on;  σ ← min(σ, sigma_max) if max_on
+//   u = σ·d
+template <bool kMomentum>
+struct Sigma {
+  static constexpr int kStates = kMomentum ? 3 : 2;
+  static constexpr int kScalars = 16;
+  struct K {
+    float beta, cb, bcs, floor, eta, eta2, star_now, ratio_on, kappa, max_on, smax, clip, b1, c1,
+        bcm;
+  };
+  // Flags stay floats (0 or 1): a float select vectorizes where a bool may not.
+  static K Read(const float* s) {
+    const float star_now = (s[6] != 0.0f || s[11] != 0.0f) ? 1.0f : 0.0f;
+    return K{s[0],  s[1],  s[2], s[3],  s[4],  s[5],  star_now, s[7],
+             s[8],  s[9],  s[10], s[12], s[13], s[14], s[15]};
+  }
+  // With momentum the state is (m, s, σ); without it (s, σ) and the third
+  // slot is unused.
+  static BJ_ALWAYS_INLINE float Element(const K& k, float g, float& a, float& b, float& c) {
+    float& s = kMomentum ? b : a;
+    float& sigma = kMomentum ? c : b;
+    const float gc = ClipFinite(g, k.clip);
+    s = std::fmaf(s, k.beta, (gc * gc) * k.cb);
+    const float s_hat = s / k.bcs + k.floor;
+    float d = gc;
+    if (kMomentum) {
+      a = std::fmaf(a, k.b1, gc * k.c1);
+      d = a / k.bcm;
+    }
+    const float star = k.eta2 / 2.0f + k.eta * std::sqrt(k.eta2 / 4.0f + 1.0f / s_hat);
+    const float filtered = sigma / (1.0f + s_hat * sigma) + k.eta2;
+    // Every candidate is computed and selected (no control flow: vectorizes).
+    const float chosen = k.star_now != 0.0f ? star : filtered;
+    const float capped = MinNan(chosen, k.kappa * star);
+    const float ratioed = k.ratio_on != 0.0f ? capped : chosen;
+    const float maxed = MinNan(ratioed, k.smax);
+    sigma = k.max_on != 0.0f ? maxed : ratioed;
+    return sigma * d;
+  }
+};
+
+// ---------------------------------------------------------------------------
+// The loops: a rule over one chunk, as an update (u written) or as a step
+// (p updated). Up to three state streams; unused ones are null.
+// ---------------------------------------------------------------------------
+
+template <class R>
+BJ_ALWAYS_INLINE void UpdateLoop(const typename R::K k, const float* __restrict g,
+                                 float* __restrict s0, float* __restrict s1,
+                                 float* __restrict s2, float* __restrict u, int64_t n) {
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
+    float a = s0[i], b = s1[i], c = 0.0f;
+    if constexpr (R::kStates > 2) c = s2[i];
+    u[i] = R::Element(k, g[i], a, b, c);
+    s0[i] = a;
+    s1[i] = b;
+    if constexpr (R::kStates > 2) s2[i] = c;
+  }
+}
+
+template <class R, bool kDecay>
+BJ_ALWAYS_INLINE void StepLoop(const typename R::K k, float factor, float wd,
+                               float* __restrict p, const float* __restrict g,
+                               float* __restrict s0, float* __restrict s1,
+                               float* __restrict s2, int64_t n) {
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
+    float a = s0[i], b = s1[i], c = 0.0f;
+    if constexpr (R::kStates > 2) c = s2[i];
+    float u = R::Element(k, g[i], a, b, c);
+    s0[i] = a;
+    s1[i] = b;
+    if constexpr (R::kStates > 2) s2[i] = c;
+    if (kDecay) u = std::fmaf(wd, p[i], u);
+    p[i] = std::fmaf(u, factor, p[i]);
+  }
+}
+
+// One compiled copy of the loops per instruction set. The library itself is
+// built for the architecture's baseline (no -march), so it loads on any CPU;
+// the copy used is chosen at load time from the CPU's features (cpuid), or
+// by name for testing. Without hardware FMA, std::fmaf is the C library's
+// correctly rounded software routine: slower, same results.
+template <class R>
+struct Fns {
+  using Update = void (*)(const typename R::K&, const float*, float*, float*, float*, float*,
+                          int64_t);
+  using Step = void (*)(const typename R::K&, float, float, float*, const float*, float*,
+                        float*, float*, int64_t);
+  Update update;
+  Step step;
+  Step step_decay;
+};
+
+#define BJ_DEFINE_RULE(NAME, RULE, SUFFIX, ATTRIBUTES)                                        \
+  ATTRIBUTES void Update##NAME##SUFFIX(const RULE::K& k, const float* g, float* s0, float* s1, \
+                                       float* s2, float* u, int64_t n) {                      \
+    UpdateLoop<RULE>(k, g, s0, s1, s2, u, n);                                                 \
+  }                                                                                           \
+  ATTRIBUTES void Step##NAME##SUFFIX(const RULE::K& k, float f, float wd, float* p,           \
+                                     const float* g, float* s0, float* s1, float* s2,         \
+                                     int64_t n) {                                             \
+    StepLoop<RULE, false>(k, f, wd, p, g, s0, s1, s2, n);                                     \
+  }                                                                                           \
+  ATTRIBUTES void StepDecay##NAME##SUFFIX(const RULE::K& k, float f, float wd, float* p,      \
+                                          const float* g, float* s0, float* s1, float* s2,    \
+                                          int64_t n) {                                        \
+    StepLoop<RULE, true>(k, f, wd, p, g, s0, s1, s2, n);                                      \
+  }
+
+using SigmaPlain = Sigma<false>;
+using SigmaMomentum = Sigma<true>;
+
+#define BJ_DEFINE_VARIANT(SUFFIX, ATTRIBUTES)                    \
+  BJ_DEFINE_RULE(Adam, Adam, SUFFIX, ATTRIBUTES)                 \
+  BJ_DEFINE_RULE(Amsgrad, Amsgrad, SUFFIX, ATTRIBUTES)           \
+  BJ_DEFINE_RULE(Sigma, SigmaPlain, SUFFIX, ATTRIBUTES)          \
+  BJ_DEFINE_RULE(SigmaMomentum, SigmaMomentum, SUFFIX, ATTRIBUTES)
+
+#define BJ_VARIANT_TABLE(SUFFIX)                                                          \
+  {UpdateAdam##SUFFIX, StepAdam##SUFFIX, StepDecayAdam##SUFFIX},                          \
+      {UpdateAmsgrad##SUFFIX, StepAmsgrad##SUFFIX, StepDecayAmsgrad##SUFFIX},             \
+      {UpdateSigma##SUFFIX, StepSigma##SUFFIX, StepDecaySigma##SUFFIX},                   \
+  {                                                                                       \
+    UpdateSigmaMomentum##SUFFIX, StepSigmaMomentum##SUFFIX, StepDecaySigmaMomentum##SUFFIX \
+  }
+
+BJ_DEFINE_VARIANT(Baseline, )
+bool Always() { return true; }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define BJ_X86_VARIANTS 1
+// Haswell and later (x86-64-v3's vector part): 256-bit AVX2 with FMA.
+BJ_DEFINE_VARIANT(Avx2, __attribute__((target("avx2,fma"))))
+// AVX-512 (Skylake-X, Ice Lake, Zen 4 and later). The build prefers 256-bit
+// vectors (-mprefer-vector-width=256): the loops are bound by memory
+// bandwidth, and 512-bit instructions lower the clock on some Intel cores;
+// this copy still gains AVX-512VL's masked tails and 32 vector registers.
+BJ_DEFINE_VARIANT(Avx512, __attribute__((target("avx512f,avx512vl,avx2,fma"))))
+// __builtin_cpu_supports also checks that the OS saves the wider registers.
+bool HasAvx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+bool HasAvx512() {
+  return HasAvx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+}
+#endif
+
+struct Variant {
+  const char* name;
+  bool (*supported)();
+  Fns<Adam> adam;
+  Fns<Amsgrad> amsgrad;
+  Fns<SigmaPlain> sigma;
+  Fns<SigmaMomentum> sigma_momentum;
+};
+
+// Best first.
+const Variant kVariants[] = {
+#ifdef BJ_X86_VARIANTS
+    {"avx512", HasAvx512, BJ_VARIANT_TABLE(Avx512)},
+    {"avx2", HasAvx2, BJ_VARIANT_TABLE(Avx2)},
+#endif
+    {"baseline", Always, BJ_VARIANT_TABLE(Baseline)},
+};
+
+std::atomic<const Variant*> g_variant{nullptr};
+
+const Variant& Active() {
+  const Variant* v = g_variant.load(std::memory_order_acquire);
+  if (v == nullptr) {
+    for (const Variant& candidate : kVariants) {
+      if (candidate.supported()) {
+        v = &candidate;
+        break;
+      }
+    }
+    g_variant.store(v, std::memory_order_release);
+  }
+  return *v;
+}
+
+template <class R>
+const Fns<R>& ActiveFns();
+template <>
+const Fns<Adam>& ActiveFns<Adam>() { return Active().adam; }
+template <>
+const Fns<Amsgrad>& ActiveFns<Amsgrad>() { return Active().amsgrad; }
+template <>
+const Fns<SigmaPlain>& ActiveFns<SigmaPlain>() { return Active().sigma; }
+template <>
+const Fns<SigmaMomentum>& ActiveFns<SigmaMomentum>() { return Active().sigma_momentum; }
+
+// A piece of one leaf.
+struct Chunk {
+  int leaf;
+  int64_t begin, end;
+};
+
+constexpr int64_t kChunk = 1 << 15;     // elements per chunk (128 KiB per stream)
+constexpr int64_t kParallelMin = 1 << 16;  // below this many elements, no helpers
+
+std::vector<Chunk> MakeChunks(const std::vector<int64_t>& sizes) {
+  std::vector<Chunk> chunks;
+  for (int leaf = 0; leaf < static_cast<int>(sizes.size()); ++leaf) {
+    for (int64_t b = 0; b < sizes[leaf]; b += kChunk) {
+      chunks.push_back({leaf, b, std::min(sizes[leaf], b + kChunk)});
+    }
+  }
+  return chunks;
+}
+
+// Runs body(chunk) for every chunk on the calling thread and on helpers from
+// XLA's intra-op pool. Helpers claim chunks from a shared counter; the caller
+// claims too, so the call finishes even if no helper ever starts, and it
+// returns only once every claimed chunk is done. A helper that starts late
+// finds nothing left and exits; the shared state outlives the call.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, std::vector<Chunk> chunks, int64_t total, Body body) {
+  struct Shared {
+    std::vector<Chunk> chunks;
+    Body body;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    Shared(std::vector<Chunk> c, Body b) : chunks(std::move(c)), body(std::move(b)) {}
+    void Work() {
+      const int64_t n = static_cast<int64_t>(chunks.size());
+      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+        body(chunks[i]);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  auto shared = std::make_shared<Shared>(std::move(chunks), std::move(body));
+  const int64_t n = static_cast<int64_t>(shared->chunks.size());
+  int64_t helpers = 0;
+  if (total >= kParallelMin) {
+    helpers = std::min<int64_t>(pool.num_threads() - 1, n - 1);
+  }
+  for (int64_t h = 0; h < helpers; ++h) {
+    pool.Schedule([shared]() { shared->Work(); });
+  }
+  shared->Work();
+  while (shared->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+// Checks that leaf i of every group has the same float32 element count.
+ffi::Error Sizes(const std::vector<std::vector<ffi::AnyBuffer>>& groups,
+                 std::vector<int64_t>& sizes) {
+  const size_t k = groups[0].size();
+  sizes.assign(k, 0);
+  for (size_t i = 0; i < k; ++i) {
+    sizes[i] = static_cast<int64_t>(groups[0][i].element_count());
+    for (const auto& group : groups) {
+      if (group[i].element_type() != ffi::DataType::F32) {
+        return ffi::Error::InvalidArgument("bayesopt_jax native kernel: float32 buffers only");
+      }
+      if (static_cast<int64_t>(group[i].element_count()) != sizes[i]) {
+        return ffi::Error::InvalidArgument("bayesopt_jax native kernel: leaf sizes differ");
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// Reads `groups` consecutive runs of k buffers from args (after the scalars)
+// and from rets.
+ffi::Error Unpack(ffi::RemainingArgs& args, ffi::RemainingRets& rets, size_t in_groups,
+                  size_t out_groups, std::vector<std::vector<ffi::AnyBuffer>>& ins,
+                  std::vector<std::vector<ffi::AnyBuffer>>& outs) {
+  if (args.size() % in_groups != 0 || rets.size() != args.size() / in_groups * out_groups) {
+    return ffi::Error::InvalidArgument("bayesopt_jax native kernel: wrong number of buffers");
+  }
+  const size_t k = args.size() / in_groups;
+  ins.assign(in_groups, {});
+  outs.assign(out_groups, {});
+  for (size_t grp = 0; grp < in_groups; ++grp) {
+    for (size_t i = 0; i < k; ++i) {
+      auto b = args.get<ffi::AnyBuffer>(grp * k + i);
+      if (b.has_error()) return b.error();
+      ins[grp].push_back(*b);
+    }
+  }
+  for (size_t grp = 0; grp < out_groups; ++grp) {
+    for (size_t i = 0; i < k; ++i) {
+      auto r = rets.get<ffi::AnyBuffer>(grp * k + i);
+      if (r.has_error()) return r.error();
+      outs[grp].push_back(**r);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+float* F32(const ffi::AnyBuffer& b) { return static_cast<float*>(b.untyped_data()); }
+
+
+// Copies input j of a chunk into its output buffer unless they alias.
+float* InPlace(const ffi::AnyBuffer& in, const ffi::AnyBuffer& out, const Chunk& c) {
+  const float* src = F32(in) + c.begin;
+  float* dst = F32(out) + c.begin;
+  if (dst != src) std::memcpy(dst, src, (c.end - c.begin) * sizeof(float));
+  return dst;
+}
+
+int64_t Total(const std::vector<int64_t>& sizes) {
+  int64_t total = 0;
+  for (int64_t s : sizes) total += s;
+  return total;
+}
+
+// Unpack, then check that every buffer of leaf i has one float32 size.
+ffi::Error Gather(ffi::RemainingArgs& args, ffi::RemainingRets& rets, size_t in_groups,
+                  size_t out_groups, std::vector<std::vector<ffi::AnyBuffer>>& in,
+                  std::vector<std::vector<ffi::AnyBuffer>>& out, std::vector<int64_t>& sizes) {
+  if (auto e = Unpack(args, rets, in_groups, out_groups, in, out); e.failure()) return e;
+  std::vector<std::vector<ffi::AnyBuffer>> all(in);
+  all.insert(all.end(), out.begin(), out.end());
+  return Sizes(all, sizes);
+}
+
+template <class R>
+ffi::Error Update(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args,
+                  ffi::RemainingRets rets) {
+  constexpr int kS = R::kStates;
+  if (scalars.element_count() != R::kScalars) {
+    return ffi::Error::InvalidArgument("bayesopt_jax native kernel: bad scalars operand");
+  }
+  std::vector<std::vector<ffi::AnyBuffer>> in, out;
+  std::vector<int64_t> sizes;
+  if (auto e = Gather(args, rets, 1 + kS, 1 + kS, in, out, sizes); e.failure()) return e;
+  const typename R::K k = R::Read(scalars.typed_data());
+  const auto fn = ActiveFns<R>().update;
+  ParallelFor(pool, MakeChunks(sizes), Total(sizes), [k, in, out, fn](const Chunk& c) {
+    float* s[3] = {nullptr, nullptr, nullptr};
+    for (int j = 0; j < kS; ++j) s[j] = InPlace(in[1 + j][c.leaf], out[1 + j][c.leaf], c);
+    fn(k, F32(in[0][c.leaf]) + c.begin, s[0], s[1], s[2], F32(out[0][c.leaf]) + c.begin,
+       c.end - c.begin);
+  });
+  return ffi::Error::Success();
+}
+
+template <class R>
+ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> step,
+                ffi::RemainingArgs args, ffi::RemainingRets rets,
+                ffi::Span<const int64_t> decay) {
+  constexpr int kS = R::kStates;
+  if (scalars.element_count() != R::kScalars || step.element_count() != 2) {
+    return ffi::Error::InvalidArgument("bayesopt_jax native kernel: bad scalars operand");
+  }
+  std::vector<std::vector<ffi::AnyBuffer>> in, out;
+  std::vector<int64_t> sizes;
+  if (auto e = Gather(args, rets, 2 + kS, 1 + kS, in, out, sizes); e.failure()) return e;
+  if (decay.size() != sizes.size()) {
+    return ffi::Error::InvalidArgument("bayesopt_jax native kernel: `decay` needs one flag per leaf");
+  }
+  std::vector<char> decays(decay.begin(), decay.end());
+  const typename R::K k = R::Read(scalars.typed_data());
+  const float factor = step.typed_data()[0], wd = step.typed_data()[1];
+  const Fns<R> fns = ActiveFns<R>();
+  ParallelFor(pool, MakeChunks(sizes), Total(sizes),
+              [k, factor, wd, in, out, decays, fns](const Chunk& c) {
+                float* p = InPlace(in[0][c.leaf], out[0][c.leaf], c);
+                float* s[3] = {nullptr, nullptr, nullptr};
+                for (int j = 0; j < kS; ++j) {
+                  s[j] = InPlace(in[2 + j][c.leaf], out[1 + j][c.leaf], c);
+                }
+                (decays[c.leaf] ? fns.step_decay : fns.step)(
+                    k, factor, wd, p, F32(in[1][c.leaf]) + c.begin, s[0], s[1], s[2],
+                    c.end - c.begin);
+              });
+  return ffi::Error::Success();
+}
+
+// A streaming kernel for measuring memory bandwidth (benchmarks only): every
+// output buffer x_i (aliased to its input) becomes a·x_i + y, for one
+// read-only y. With one x it is the classic in-place triad (12 bytes per
+// element); with three it moves the 28 bytes of the fused Adam step.
+ffi::Error Stream(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::RemainingArgs args,
+                  ffi::RemainingRets rets, float a) {
+  if (args.size() != rets.size() || args.size() == 0) {
+    return ffi::Error::InvalidArgument("bayesopt_jax stream: one output per input");
+  }
+  const int64_t n = static_cast<int64_t>(y.element_count());
+  std::vector<float*> xs;
+  for (size_t i = 0; i < rets.size(); ++i) {
+    auto in = args.get<ffi::AnyBuffer>(i);
+    auto out = rets.get<ffi::AnyBuffer>(i);
+    if (in.has_error()) return in.error();
+    if (out.has_error()) return out.error();
+    if (static_cast<int64_t>((*out)->element_count()) != n) {
+      return ffi::Error::InvalidArgument("bayesopt_jax stream: sizes differ");
+    }
+    float* dst = F32(**out);
+    if (dst != F32(*in)) std::memcpy(dst, F32(*in), n * sizeof(float));
+    xs.push_back(dst);
+  }
+  const float* src = y.typed_data();
+  ParallelFor(pool, MakeChunks({n}), n, [a, src, xs](const Chunk& c) {
+    for (float* x : xs) {
+      float* __restrict xp = x + c.begin;
+      const float* __restrict yp = src + c.begin;
+      const int64_t len = c.end - c.begin;
+#pragma GCC ivdep
+      for (int64_t i = 0; i < len; ++i) xp[i] = a * xp[i] + yp[i];
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BjStreamF32, Stream,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<float>("a"));
+
+// Each rule's two handlers: Bj<Name>UpdateF32 and Bj<Name>StepF32.
+#define BJ_REGISTER_RULE(NAME, RULE)                                          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(Bj##NAME##UpdateF32, Update<RULE>,            \
+                                ffi::Ffi::Bind()                              \
+                                    .Ctx<ffi::ThreadPool>()                   \
+                                    .Arg<ffi::Buffer<ffi::F32>>()             \
+                                    .RemainingArgs()                          \
+                                    .RemainingRets());                        \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(Bj##NAME##StepF32, Step<RULE>,                \
+                                ffi::Ffi::Bind()                              \
+                                    .Ctx<ffi::ThreadPool>()                   \
+                                    .Arg<ffi::Buffer<ffi::F32>>()             \
+                                    .Arg<ffi::Buffer<ffi::F32>>()             \
+                                    .RemainingArgs()                          \
+                                    .RemainingRets()                          \
+                                    .Attr<ffi::Span<const int64_t>>("decay"));
+
+BJ_REGISTER_RULE(Adam, Adam)
+BJ_REGISTER_RULE(Amsgrad, Amsgrad)
+BJ_REGISTER_RULE(Sigma, SigmaPlain)
+BJ_REGISTER_RULE(SigmaMomentum, SigmaMomentum)
+
+// Lets the loader check that the library matches the Python side.
+extern "C" int bj_native_abi_version() { return 4; }
+
+// The instruction-set copy in use ("avx512", "avx2" or "baseline").
+extern "C" const char* bj_native_isa() { return Active().name; }
+
+// The copies built (supported_only = 0) or those this CPU can run (1), best
+// first, comma-separated.
+extern "C" const char* bj_native_isas(int supported_only) {
+  static const auto list = [](bool only_supported) {
+    std::string out;
+    for (const Variant& v : kVariants) {
+      if (only_supported && !v.supported()) continue;
+      if (!out.empty()) out += ",";
+      out += v.name;
+    }
+    return out;
+  };
+  static const std::string built = list(false), supported = list(true);
+  return (supported_only ? supported : built).c_str();
+}
+
+// Chooses the copy by name ("" or "auto": the best this CPU runs). Returns 0,
+// or -1 for an unknown name, -2 for a copy this CPU cannot run.
+extern "C" int bj_native_select(const char* name) {
+  const std::string want = name == nullptr ? "" : name;
+  for (const Variant& v : kVariants) {
+    if (want.empty() || want == "auto" ? v.supported() : want == v.name) {
+      if (!v.supported()) return -2;
+      g_variant.store(&v, std::memory_order_release);
+      return 0;
+    }
+  }
+  return -1;
+}

@@ -1,0 +1,167 @@
+"""Float64 NumPy transcriptions of the kernels' rules, for the kernels' self-test.
+
+Each function states one rule of ``kernels.cc`` in float64 with the same
+scalars operand, elementwise over NumPy arrays, and returns ``(u, *state)``.
+Run on the absolute values of the signed inputs (gradient, first moment,
+parameters) the same function gives the magnitude of every result's terms,
+because every other quantity of the rules is non-negative: that is the scale
+of the rounding bound in :func:`check_leaf`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+F32 = np.float32
+CLIP = math.sqrt(float(np.finfo(F32).max)) / 2
+
+
+def _clip(g):
+    return np.where(np.isfinite(g), np.clip(g, -CLIP, CLIP), g)
+
+
+def _max_nan(a, b):
+    return np.where(np.isnan(a) | np.isnan(b), a + b, np.maximum(a, b))
+
+
+def _min_nan(a, b):
+    return np.where(np.isnan(a) | np.isnan(b), a + b, np.minimum(a, b))
+
+
+def adam(sc, g, m, v):
+    b1, c1, b2, c2, r1, r2, eps, _ = sc
+    gc = _clip(g)
+    m = m * b1 + gc * c1
+    v = v * b2 + gc * gc * c2
+    return (m * r1) / (np.sqrt(v * r2) + eps), m, v
+
+
+def amsgrad(sc, g, m, v, n):
+    b1, c1, b2, c2, bc1, bc2, eps, _, raw = sc
+    gc = _clip(g)
+    m = m * b1 + gc * c1
+    v = v * b2 + gc * gc * c2
+    n = _max_nan(n, v if raw else v / bc2)
+    v_eff = n / bc2 if raw else n
+    return (m / bc1) / (np.sqrt(v_eff) + eps), m, v, n
+
+
+def sigma(sc, g, *state):
+    beta, cb, bcs, floor, eta, eta2, first, ratio_on, kappa, max_on, smax, fixed = sc[:12]
+    b1, c1, bcm = sc[13:]
+    if len(state) == 3:
+        m, s, sig = state
+    else:
+        (s, sig), m = state, None
+    gc = _clip(g)
+    s = s * beta + gc * gc * cb
+    s_hat = s / bcs + floor
+    d = gc
+    if m is not None:
+        m = m * b1 + gc * c1
+        d = m / bcm
+    star = eta2 / 2 + eta * np.sqrt(eta2 / 4 + 1 / s_hat)
+    sig = star if (first or fixed) else sig / (1 + s_hat * sig) + eta2
+    if ratio_on:
+        sig = _min_nan(sig, kappa * star)
+    if max_on:
+        sig = _min_nan(sig, smax)
+    u = sig * d
+    return (u, s, sig) if m is None else (u, m, s, sig)
+
+
+RULES = {"adam": adam, "amsgrad": amsgrad, "sigma": sigma, "sigma_momentum": sigma}
+# The signed state buffers of each rule (the first moment); the others are >= 0.
+SIGNED = {"adam": (0,), "amsgrad": (0,), "sigma": (), "sigma_momentum": (0,)}
+
+
+def _f32(*values) -> np.ndarray:
+    return np.asarray(values, np.float64).astype(F32)
+
+
+def cases() -> list[tuple[str, np.ndarray]]:
+    """Scalars operands covering every branch of every rule."""
+    b1, b2, t = 0.9, 0.999, 3
+    bc1, bc2 = 1 - b1**t, 1 - b2**t
+    adam_sc = _f32(b1, 1 - b1, b2, 1 - b2, 1 / bc1, 1 / bc2, 1e-8, CLIP)
+    ams = [_f32(b1, 1 - b1, b2, 1 - b2, bc1, bc2, 1e-8, CLIP, raw) for raw in (0, 1)]
+    beta, eta = 0.99, 1e-2
+    bcs, bcm = 1 - beta**t, 1 - b1**t
+
+    def sig(first, ratio_on, max_on, fixed):
+        return _f32(
+            beta, 1 - beta, bcs, 1e-16, eta, F32(eta) * F32(eta), first, ratio_on, 2.0,
+            max_on, 0.5, fixed, CLIP, b1, 1 - b1, bcm,
+        )  # fmt: skip
+
+    sigmas = [sig(0, 0, 0, 0), sig(1, 1, 0, 0), sig(0, 1, 1, 0), sig(0, 0, 0, 1)]
+    cases = [("adam", adam_sc)] + [("amsgrad", sc) for sc in ams]
+    cases += [(r, sc) for r in ("sigma", "sigma_momentum") for sc in sigmas]
+    return cases
+
+
+STATES = {"adam": 2, "amsgrad": 3, "sigma": 2, "sigma_momentum": 3}
+
+
+def inputs(rule: str, rng: np.random.Generator):
+    """Parameters, gradients (with ordinary, tiny, huge and non-finite entries) and state."""
+    sizes = [(70_001,), (3, 5), (1,)]
+    n_states = STATES[rule]
+    ps = [rng.normal(size=s).astype(F32) for s in sizes]
+    gs = [(rng.normal(size=s) * 1e-3).astype(F32) for s in sizes]
+    specials = np.array([0.0, -0.0, 1e-30, 3e38, -3e38, np.inf, -np.inf, np.nan], F32)
+    gs[0][: specials.size] = specials
+    states = []
+    for j in range(n_states):
+        if j in SIGNED[rule]:
+            states.append([(rng.normal(size=s) * 1e-3).astype(F32) for s in sizes])
+        else:  # second moments, maxima and variances: positive
+            states.append([(rng.random(size=s) * 1e-5 + 1e-7).astype(F32) for s in sizes])
+    return ps, gs, states
+
+
+def _mismatch(where: str, got, want, scale) -> str | None:
+    got, want, scale = (np.asarray(x, np.float64) for x in (got, want, scale))
+    finite = np.isfinite(want)
+    if not np.array_equal(np.isfinite(got), finite) or not np.array_equal(
+        got[~finite], want[~finite], equal_nan=True
+    ):
+        return f"the {where} kernel gives other non-finite entries"
+    # Each result is a chain of at most ~20 float32 roundings of its terms
+    # (a few more through a square root and the σ recursion): 64 units of
+    # the terms' magnitude, plus the flush of results below the smallest
+    # normal float32 (XLA's CPU threads flush subnormals to zero).
+    tiny = float(np.finfo(F32).tiny)
+    bound = 64 * float(np.finfo(F32).eps) * scale[finite] + 4 * tiny
+    if not np.all(np.abs(got[finite] - want[finite]) <= bound):
+        return f"the {where} kernel differs from its float64 transcription"
+    return None
+
+
+def check_leaf(i, rule, sc, fw, ps, gs, states, us, new, new_ps, stepped, decay):
+    """Leaf ``i`` of both kernels' results against the transcription; what differs, or None."""
+    fn, signed = RULES[rule], SIGNED[rule]
+    sc64 = [float(x) for x in sc]
+    factor, wd = (float(x) for x in fw)
+    args = [np.asarray(st[i], np.float64) for st in states]
+    g = np.asarray(gs[i], np.float64)
+    p = np.asarray(ps[i], np.float64)
+    with np.errstate(all="ignore"):
+        want = fn(sc64, g, *args)
+        mags = fn(sc64, np.abs(g), *[np.abs(a) if j in signed else a for j, a in enumerate(args)])
+        u = want[0] + (wd * p if decay[i] else 0.0)
+        p_want = p + factor * u
+        p_mag = np.abs(p) + abs(factor) * (mags[0] + (wd * np.abs(p) if decay[i] else 0.0))
+        checks = [("update", us[i], want[0], mags[0]), ("step", new_ps[i], p_want, p_mag)]
+        for j in range(len(states)):
+            checks += [
+                ("update", new[j][i], want[1 + j], mags[1 + j]),
+                ("step", stepped[j][i], want[1 + j], mags[1 + j]),
+            ]
+        for form, got, value, scale in checks:
+            why = _mismatch(f"{rule} {form}", got, value, scale)
+            if why is not None:
+                return why
+    return None

@@ -31,6 +31,7 @@ from bayesopt_jax._src.moments import (
     amsgrad_max,
     bias_correction,
 )
+from bayesopt_jax._src.packing import Packed, pack, unpack
 from bayesopt_jax._src.parallel import cross_replica_mean, state_shardings
 from bayesopt_jax._src.posterior import (
     calibrate_posterior_scale,
@@ -58,6 +59,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AmsgradMaxState",
     "BiasCorrectionState",
+    "Packed",
     "ScaleByAdamState",
     "ScaleByAmsgradState",
     "ScaleByRmsState",
@@ -80,6 +82,7 @@ __all__ = [
     "load_npz",
     "native_available",
     "native_status",
+    "pack",
     "posterior_variance",
     "rmsprop",
     "sample_posterior",
@@ -99,5 +102,6 @@ __all__ = [
     "sigma_star_full",
     "state_shardings",
     "training_sample",
+    "unpack",
     "variational_sigma_filter",
 ]

@@ -125,6 +125,9 @@ OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation], int, int
         "two-call",
     ),
     "optax.flatten(bj.adam)": (lambda: optax.flatten(bj.adam(1e-3)), 8, 36, "two-call"),
+    # Parameters, gradients and state packed into one buffer (bj.pack).
+    "bj.adam packed fused_step": (lambda: bj.adam(1e-3), 8, 28, "packed fused"),
+    "bj.sigma_filter packed fused_step": (lambda: bj.sigma_filter(1e-3), 8, 28, "packed fused"),
     "bj.amsgrad": (lambda: bj.amsgrad(1e-3), 12, 44, "two-call"),
     "bj.amsgrad fused_step": (lambda: bj.amsgrad(1e-3), 12, 36, "fused"),
     "bj.amsgrad pure JAX": (lambda: bj.amsgrad(1e-3), 12, 44, "pure"),
@@ -160,9 +163,13 @@ def time_jax(make_tx, params, grads, repeats: int, warmup: int = 3, how: str = "
     kernels switched off while tracing), ``"sample"`` (two-call plus the
     training-time draw :func:`bayesopt_jax.training_sample`, returned so that
     it is computed, in the buffer the gradient came in) or ``"floor"``
-    (returns the donated parameters and state untouched).
+    (returns the donated parameters and state untouched); ``"packed ..."``
+    runs the rest on parameters and gradients packed by :func:`bayesopt_jax.pack`.
     """
     tx = make_tx()
+    if how.startswith("packed "):
+        how = how.removeprefix("packed ")
+        params, grads = bj.pack(params), bj.pack(grads)
 
     def step(p, s, g):
         if how == "floor":

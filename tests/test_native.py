@@ -533,16 +533,18 @@ def test_the_build_script_compiles_the_library(tmp_path):
 
 # The AMSGrad and σ-filter rules, native against pure, both forms. The bound
 # is counted per path against exact arithmetic, in float32 rounding units u
-# of each result's terms (the rule run in float64 on |g|, |m|, |p|):
-#   AMSGrad: m 2u, v 3u, v/(1-b2^t) 5u (the debias factor itself 1u), the
-#   maximum selects one of them, sqrt halves and adds 1u, + eps 1u, m/(1-b1^t)
-#   4u, the division 1u: ≤ 12u for u, and p = p + factor·u adds 2u.
-#   σ-filter: s 3u, ŝ 5u; the filter σ/(1 + ŝσ) + η² has condition ≤ 1 in ŝ
-#   and 4 roundings: 9u; σ* = η²/2 + η·sqrt(η²/4 + 1/ŝ): 1/ŝ 6u, the sum 7u,
-#   sqrt 4.5u, the product and the sum 6.5u; the caps multiply (κσ*: 7.5u)
-#   and select; u = σ·d with d = m/(1-b1^t) (4u): ≤ 15u, p adds 2u.
-# Two paths differ by at most the sum: 2·14 = 28u (AMSGrad), 2·17 = 34u (σ).
-RULE_BOUND = {"amsgrad": 28, "sigma": 34, "sigma_momentum": 34}
+# of each result's terms (the rule run in float64 on |g|, |m|, |p|). A
+# correction 1/(1-b^t) costs 2u either way (the kernel multiplies by a
+# rounded reciprocal: 2u; the pure path divides by a rounded 1-b^t: 2u).
+#   AMSGrad: m 2u, v 3u, v·r2 6u, the maximum selects one of them, sqrt
+#   halves and adds 1u (4u), + eps 5u, m·r1 5u, the division 11u; p = p +
+#   factor·u adds 2u: 13u.
+#   σ-filter: s 3u, ŝ = s·rs + floor 7u; the filter σ/(1 + ŝσ) + η²: 11u
+#   (its condition in ŝ is ≤ 1); σ* = η²/2 + η·sqrt(η²/4 + 1/ŝ): 1/ŝ 8u,
+#   the sum 9u, sqrt 5.5u, the product and the sum 7.5u; κσ* 8.5u; the caps
+#   select; u = σ·d with d = m·rm (5u): 17u; p adds 2u: 19u.
+# Two paths differ by at most the sum: 2·13 = 26u (AMSGrad), 2·19 = 38u (σ).
+RULE_BOUND = {"amsgrad": 26, "sigma": 38, "sigma_momentum": 38}
 KERNEL_OPTIMIZERS = {
     "amsgrad": lambda: bj.amsgrad(1e-3),
     "amsgrad raw": lambda: bj.amsgrad(3e-3, b1=0.5, b2=0.9, max_of="raw"),
@@ -635,7 +637,7 @@ def test_amsgrad_and_sigma_kernels_agree_with_the_pure_path(name, how, count, rn
 
 @needs_native
 def test_the_rule_bound_is_not_vacuous(rng):
-    # η off by one part in 10⁴ moves σ, and so p, by far more than 34 units.
+    # η off by one part in 10⁴ moves σ by far more than 38 units.
     params, grads = tree_with_specials(rng, SHAPES)
     good_tx, bad_tx = bj.sigma_filter(1e-3), bj.sigma_filter(1e-3 * (1 + 1e-4))
     state = random_rule_state(good_tx, params, rng, 5)
@@ -646,4 +648,4 @@ def test_the_rule_bound_is_not_vacuous(rng):
     a = np.asarray(bad[1][0].sigma["big"], np.float64)
     b = np.asarray(good[1][0].sigma["big"], np.float64)
     finite = np.isfinite(b)
-    assert np.any(np.abs(a - b)[finite] > 34 * EPS32 * sig_mag[finite])
+    assert np.any(np.abs(a - b)[finite] > 38 * EPS32 * sig_mag[finite])

@@ -70,18 +70,27 @@ def _scalars(*values: Any) -> jax.Array:
     return jnp.stack([jnp.asarray(x, jnp.float32) for x in values])
 
 
-def _moment_scalars(b1, b2, count, correct1, correct2, *, invert):
-    """``b1, 1-b1, b2, 1-b2, c1, c2``: ``c = 1-b^t`` (or ``1/(1-b^t)``), 1 where not corrected.
+def _moment_scalars(b1, b2, count, correct1, correct2):
+    """``b1, 1-b1, b2, 1-b2, r1, r2``: ``r = 1/(1-b^t)``, 1 where not corrected.
 
     Formed as the pure path forms them: ``1 - b`` rounded once from the
     Python value (:func:`moments.ema`), ``1-b^t`` by :class:`moments.Debias`.
     """
     debias = moments.Debias(count)
-    c1 = debias(b1, jnp.float32) if correct1 else 1.0
-    c2 = debias(b2, jnp.float32) if correct2 else 1.0
-    if invert:
-        c1, c2 = (1 / c if correct else 1.0 for c, correct in ((c1, correct1), (c2, correct2)))
-    return [b1, 1 - b1, b2, 1 - b2, c1, c2]
+    r1 = 1 / debias(b1, jnp.float32) if correct1 else 1.0
+    r2 = 1 / debias(b2, jnp.float32) if correct2 else 1.0
+    return [b1, 1 - b1, b2, 1 - b2, r1, r2]
+
+
+def _adam_finish(sc, g, m, v):
+    """Adam's update from the kernel's new moments: what XLA makes of m̂/(√v̂ + ε)."""
+    return (m * sc[4]) / (jnp.sqrt(v * sc[5]) + sc[6])
+
+
+def _amsgrad_finish(sc, g, m, v, n):
+    """AMSGrad's update from the kernel's new state (``sc[8]``: the raw maximum)."""
+    n_eff = jnp.where(sc[8] != 0, n * sc[5], n)
+    return (m * sc[4]) / (jnp.sqrt(n_eff) + sc[6])
 
 
 # Optax's own state classes: a state made here is interchangeable with one made
@@ -182,8 +191,9 @@ def scale_by_adam(
         kernel = None
         if not nesterov and _kernel_ready(b1, b2, eps, eps_root):
             # The "adam" rule: (m·r1) / (sqrt(v·r2) + eps) with r = 1/(1-b^t).
-            head = _moment_scalars(b1, b2, count, bias_correction, bias_correction, invert=True)
-            kernel = engine.Kernel("adam", _scalars(*head, eps, moments.clip_limit(jnp.float32)))
+            head = _moment_scalars(b1, b2, count, bias_correction, bias_correction)
+            scalars = _scalars(*head, eps, moments.clip_limit(jnp.float32))
+            kernel = engine.Kernel("adam", scalars, _adam_finish)
         return engine.Prepared(
             make_leaf,
             count,
@@ -296,13 +306,11 @@ def scale_by_amsgrad(
         count = optax.safe_increment(state.count)
         kernel = None
         if _kernel_ready(b1, b2, eps, eps_root):
-            # The "amsgrad" rule divides by c = 1-b^t (1 where a correction is off).
-            head = _moment_scalars(
-                b1, b2, count, bias_correction_mu, bias_correction_nu, invert=False
-            )
+            # The "amsgrad" rule multiplies by r = 1/(1-b^t) (1 where a correction is off).
+            head = _moment_scalars(b1, b2, count, bias_correction_mu, bias_correction_nu)
             raw = 1.0 if max_of == "raw" else 0.0
             clip = moments.clip_limit(jnp.float32)
-            kernel = engine.Kernel("amsgrad", _scalars(*head, eps, clip, raw))
+            kernel = engine.Kernel("amsgrad", _scalars(*head, eps, clip, raw), _amsgrad_finish)
         return engine.Prepared(
             make_leaf,
             count,

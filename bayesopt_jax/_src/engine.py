@@ -30,10 +30,17 @@ _ATTRIBUTE = "__bayesopt_jax_description__"
 
 
 class Kernel(NamedTuple):
-    """A native rule and its float32 scalars operand for this step."""
+    """A native rule, its float32 scalars operand for this step, and how u follows.
+
+    The update kernel writes the new state only; ``finish(scalars, g,
+    *new_state)`` (the state buffers the rule has, in order) forms the
+    update from it in pure JAX, so that XLA fuses it into the loop that
+    applies the update and no buffer of updates is written and read.
+    """
 
     rule: str
     scalars: jax.Array
+    finish: Callable[..., jax.Array]
 
 
 class Prepared(NamedTuple):
@@ -182,7 +189,10 @@ def _native(prepared: Prepared, present: list[int], gs: list, states: list[list]
     @jax.custom_jvp
     def kernel(scalars, args, gs, states):
         del args
-        return native.update(prepared.kernel.rule, scalars, gs, states)
+        new = native.update(prepared.kernel.rule, scalars, gs, states)
+        finish = prepared.kernel.finish
+        us = [finish(scalars, g, *(col[i] for col in new)) for i, g in enumerate(gs)]
+        return us, new
 
     kernel.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
     return native.on_cpu(kernel, pure, prepared.kernel.scalars, prepared.args, gs, states)

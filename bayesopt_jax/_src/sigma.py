@@ -187,18 +187,32 @@ def _kernel(guards, eta_t, count, beta, b1, bias_correction, eps):
     f32 = jnp.float32
     debias = moments.Debias(count)
     momentum = not validation.is_static_zero(b1)
-    bcs = debias(beta, f32) if bias_correction else 1.0
-    bcm = debias(b1, f32) if bias_correction and momentum else 1.0
+    # Reciprocals of the corrections: the kernel multiplies (within the
+    # rounding bound of the pure path's division; see tests/test_native.py).
+    rs = 1 / debias(beta, f32) if bias_correction else 1.0
+    rm = 1 / debias(b1, f32) if bias_correction and momentum else 1.0
     e = jnp.asarray(eta_t, f32)
     first = (count == 1) if guards.sigma_init is None else False
     ratio_on = (e > 0) if guards.max_ratio is not None else False
     values = [
-        beta, 1 - beta, bcs, eps, e, e * e, first, ratio_on, guards.max_ratio or 0.0,
+        beta, 1 - beta, rs, eps, e, e * e, first, ratio_on, guards.max_ratio or 0.0,
         guards.sigma_max is not None, guards.sigma_max or 0.0, guards.fixed_point,
-        moments.clip_limit(f32), b1, 1 - b1, bcm,
+        moments.clip_limit(f32), b1, 1 - b1, rm,
     ]  # fmt: skip
     scalars = jnp.stack([jnp.asarray(x, f32) for x in values])
-    return engine.Kernel("sigma_momentum" if momentum else "sigma", scalars)
+    if momentum:
+        return engine.Kernel("sigma_momentum", scalars, _finish_momentum)
+    return engine.Kernel("sigma", scalars, _finish)
+
+
+def _finish(sc, g, s, sig):
+    """u = σ·g (g clipped as the kernel clips it) from the kernel's new state."""
+    return sig * moments.to_compute_again(g)
+
+
+def _finish_momentum(sc, g, m, s, sig):
+    """u = σ·m/(1-b1^t) from the kernel's new state (``sc[15]`` = 1/(1-b1^t))."""
+    return sig * (m * sc[15])
 
 
 def _sigma_transformation(where, guards, eta, beta, b1, bias_correction, eps):

@@ -233,15 +233,15 @@ def is_native_leaf(*arrays: Any) -> bool:
 
 
 def _local_update(static, scalars, *leaves):
-    """A rule's update kernel on whole (or per-device) arrays: ``(u, *state)``."""
+    """A rule's update kernel on whole (or per-device) arrays: the new state."""
     rule = static[0]
     groups = 1 + RULES[rule].states
     k = len(leaves) // groups
     call = jax.ffi.ffi_call(
         update_target(rule),
         # Each result has its input's type, sharding and varying axes included.
-        [jax.typeof(x) for x in leaves],
-        input_output_aliases={1 + k + i: k + i for i in range(k * (groups - 1))},
+        [jax.typeof(x) for x in leaves[k:]],
+        input_output_aliases={1 + k + i: i for i in range(k * (groups - 1))},
         vmap_method="sequential",
     )
     return list(call(scalars, *leaves))
@@ -310,8 +310,8 @@ def _partitionable(local: Any, n_scalars: int, groups: Any) -> Any:
 
 
 def _update_groups(static):
-    n = 1 + RULES[static[0]].states
-    return n, n
+    n = RULES[static[0]].states
+    return 1 + n, n
 
 
 def _step_groups(static):
@@ -375,25 +375,26 @@ def stream(y: jax.Array, xs: list, a: float) -> list:
     return list(call(y, *xs, a=np.float32(a)))
 
 
-def update(rule: str, scalars: jax.Array, gs: list, states: list[list]) -> tuple[list, list[list]]:
-    """Runs ``rule`` over every leaf: the updates and the new state (in place), in a few calls.
+def update(rule: str, scalars: jax.Array, gs: list, states: list[list]) -> list[list]:
+    """Runs ``rule`` over every leaf: the new state (in place), in a few calls.
 
-    ``states`` holds one list of leaves per state buffer of the rule.
+    ``states`` holds one list of leaves per state buffer of the rule. The
+    updates are left to the caller, to be formed from the new state inside
+    the loop that applies them (no buffer of updates is written and read).
     """
     check_rule(rule, scalars, states)
     if _eager(scalars, gs, states):
         # Outside ``jit`` the partitioning rule is not applied: run it under
         # ``jit`` so that sharded leaves keep their shardings.
         return _jitted_update(rule, scalars, gs, states)
-    us, new = [], [[] for _ in states]
+    new = [[] for _ in states]
     for part in _groups(len(gs)):
         k = len(gs[part])
         operands = [x for group in (gs, *states) for x in group[part]]
         out = _batchable(_update_call, (rule,), 1)(scalars, *operands)
-        us += out[:k]
         for j in range(len(states)):
-            new[j] += out[(1 + j) * k : (2 + j) * k]
-    return us, new
+            new[j] += out[j * k : (j + 1) * k]
+    return new
 
 
 def step(
@@ -453,8 +454,9 @@ def self_test() -> str | None:
     check on its own device and reaches the same decision. For every rule
     and every branch of it (see :func:`.reference.cases`), a few leaves (one large
     enough to be split across threads) with ordinary, tiny, huge and
-    non-finite gradients go through the update kernel and the step kernel
-    (weight decay on two of the three leaves); every result must be within
+    non-finite gradients go through the update kernel (the state) and the
+    step kernel (state and parameters, weight decay on two of the three
+    leaves); every result must be within
     64 float32 rounding units of its terms' magnitude of the float64 value,
     with the same non-finite entries.
     """
@@ -467,21 +469,19 @@ def self_test() -> str | None:
         k = len(ps)
 
         def program(sc, fw, ps, gs, states, rule=rule):
-            us, new = update(rule, sc, gs, states)
+            new = update(rule, sc, gs, states)
             new_ps, stepped = step(rule, sc, fw, ps, gs, states, decay)
-            return us, new, new_ps, stepped
+            return new, new_ps, stepped
 
         fw = np.asarray([factor, wd], np.float32)
         # Lowered and compiled explicitly, so that this also works when the
         # first use happens while another function is being traced.
         jitted = jax.jit(program, in_shardings=cpu, out_shardings=cpu)
-        us, new, new_ps, stepped = jitted.lower(sc, fw, ps, gs, states).compile()(
+        new, new_ps, stepped = jitted.lower(sc, fw, ps, gs, states).compile()(
             sc, fw, ps, gs, states
         )
         for i in range(k):
-            why = reference.check_leaf(
-                i, rule, sc, fw, ps, gs, states, us, new, new_ps, stepped, decay
-            )
+            why = reference.check_leaf(i, rule, sc, fw, ps, gs, states, new, new_ps, stepped, decay)
             if why is not None:
                 return why
     return None

@@ -1,12 +1,14 @@
 // Multi-tensor, in-place elementwise kernels for XLA's CPU backend (jax.ffi).
 //
 // A *rule* is the per-element arithmetic of one state update: it reads a
-// gradient g and the rule's state (1 to 3 floats), writes the new state and
+// gradient g and the rule's state (2 or 3 floats), writes the new state and
 // returns the update u. The kernel layer runs rules over many leaves; it
 // knows nothing of optimizers, chains or steps. Each rule has two kernels:
 //
 //   update:  args  scalars, g[0..k), s0[0..k), s1[0..k) [, s2[0..k)]
-//            rets  u[0..k), s0[0..k), s1[0..k) [, s2[0..k)]
+//            rets  s0[0..k), s1[0..k) [, s2[0..k)]
+//            (the state only: the caller forms u from it inside XLA's loop
+//            that applies u, so no buffer of updates is written and read)
 //   step:    args  scalars, step[2], p[0..k), g[0..k), s0.., s1.. [, s2..]
 //            rets  p[0..k), s0[0..k), s1[0..k) [, s2[0..k)]
 //            attr  decay: int64[k], 1 where weight decay applies
@@ -96,17 +98,18 @@ struct Adam {
 };
 
 // AMSGrad: state (m, v, n), n the running maximum.
-//   scalars: b1, 1-b1, b2, 1-b2, 1-b1^t, 1-b2^t (1 where a correction is
-//            off), eps, clip, raw (1: n is the maximum of the raw v, 0: of
-//            the corrected v)
+//   scalars: b1, 1-b1, b2, 1-b2, r1 = 1/(1-b1^t), r2 = 1/(1-b2^t) (1 where
+//            a correction is off), eps, clip, raw (1: n is the maximum of
+//            the raw v, 0: of the corrected v)
 //   m ← fma(m, b1, (1-b1)·g), v ← fma(v, b2, (g·g)·(1-b2))
-//   raw:       n ← max(n, v),        u = (m/bc1) / (sqrt(n/bc2) + eps)
-//   corrected: n ← max(n, v/bc2),    u = (m/bc1) / (sqrt(n) + eps)
+//   raw:       n ← max(n, v),        u = (m·r1) / (sqrt(n·r2) + eps)
+//   corrected: n ← max(n, v·r2),     u = (m·r1) / (sqrt(n) + eps)
+//   (products by reciprocals, as in Adam: one division per element)
 struct Amsgrad {
   static constexpr int kStates = 3;
   static constexpr int kScalars = 9;
   struct K {
-    float b1, c1, b2, c2, bc1, bc2, eps, clip, raw;
+    float b1, c1, b2, c2, r1, r2, eps, clip, raw;
   };
   static K Read(const float* s) { return K{s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8]}; }
   static BJ_ALWAYS_INLINE float Element(const K& k, float g, float& m, float& v, float& n) {
@@ -115,20 +118,21 @@ struct Amsgrad {
     v = std::fmaf(v, k.b2, (gc * gc) * k.c2);
     // Both branches are computed and one is selected, so that the loop
     // has no control flow and vectorizes.
-    const float v_hat = v / k.bc2;
+    const float v_hat = v * k.r2;
     n = MaxNan(n, k.raw != 0.0f ? v : v_hat);
-    const float n_hat = n / k.bc2;
-    return (m / k.bc1) / (std::sqrt(k.raw != 0.0f ? n_hat : n) + k.eps);
+    const float n_hat = n * k.r2;
+    return (m * k.r1) / (std::sqrt(k.raw != 0.0f ? n_hat : n) + k.eps);
   }
 };
 
 // The σ-filter and its fixed point: state ([m,] s, σ).
-//   scalars: beta, 1-beta, 1-beta^t, floor, eta, eta², first, ratio_on,
-//            kappa, max_on, sigma_max, fixed, clip, b1, 1-b1, 1-b1^t
-//            (the corrections are 1 where they are off; first, ratio_on,
-//            max_on and fixed are 0 or 1)
-//   s ← fma(s, beta, (g·g)·(1-beta)),  ŝ = s/(1-beta^t) + floor
-//   d = g (no m), or m ← fma(m, b1, (1-b1)·g), d = m/(1-b1^t)
+//   scalars: beta, 1-beta, rs = 1/(1-beta^t), floor, eta, eta², first,
+//            ratio_on, kappa, max_on, sigma_max, fixed, clip, b1, 1-b1,
+//            rm = 1/(1-b1^t) (the corrections are 1 where they are off;
+//            first, ratio_on, max_on and fixed are 0 or 1)
+//   s ← fma(s, beta, (g·g)·(1-beta)),  ŝ = s·rs + floor
+//   d = g (no m), or m ← fma(m, b1, (1-b1)·g), d = m·rm
+//   (two divisions per element, 1/ŝ and the filter's, and one square root)
 //   σ* = eta²/2 + eta·sqrt(eta²/4 + 1/ŝ)
 //   σ ← σ* if fixed or first, else σ/(1 + ŝ·σ) + eta²
 //   σ ← min(σ, kappa·σ*) if ratio_on;  σ ← min(σ, sigma_max) if max_on
@@ -138,8 +142,8 @@ struct Sigma {
   static constexpr int kStates = kMomentum ? 3 : 2;
   static constexpr int kScalars = 16;
   struct K {
-    float beta, cb, bcs, floor, eta, eta2, star_now, ratio_on, kappa, max_on, smax, clip, b1, c1,
-        bcm;
+    float beta, cb, rs, floor, eta, eta2, star_now, ratio_on, kappa, max_on, smax, clip, b1, c1,
+        rm;
   };
   // Flags stay floats (0 or 1): a float select vectorizes where a bool may not.
   static K Read(const float* s) {
@@ -154,11 +158,11 @@ struct Sigma {
     float& sigma = kMomentum ? c : b;
     const float gc = ClipFinite(g, k.clip);
     s = std::fmaf(s, k.beta, (gc * gc) * k.cb);
-    const float s_hat = s / k.bcs + k.floor;
+    const float s_hat = s * k.rs + k.floor;
     float d = gc;
     if (kMomentum) {
       a = std::fmaf(a, k.b1, gc * k.c1);
-      d = a / k.bcm;
+      d = a * k.rm;
     }
     const float star = k.eta2 / 2.0f + k.eta * std::sqrt(k.eta2 / 4.0f + 1.0f / s_hat);
     const float filtered = sigma / (1.0f + s_hat * sigma) + k.eta2;
@@ -180,12 +184,12 @@ struct Sigma {
 template <class R>
 BJ_ALWAYS_INLINE void UpdateLoop(const typename R::K k, const float* __restrict g,
                                  float* __restrict s0, float* __restrict s1,
-                                 float* __restrict s2, float* __restrict u, int64_t n) {
+                                 float* __restrict s2, int64_t n) {
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     float a = s0[i], b = s1[i], c = 0.0f;
     if constexpr (R::kStates > 2) c = s2[i];
-    u[i] = R::Element(k, g[i], a, b, c);
+    (void)R::Element(k, g[i], a, b, c);  // u is dead code here: only the state is kept
     s0[i] = a;
     s1[i] = b;
     if constexpr (R::kStates > 2) s2[i] = c;
@@ -217,8 +221,7 @@ BJ_ALWAYS_INLINE void StepLoop(const typename R::K k, float factor, float wd,
 // correctly rounded software routine: slower, same results.
 template <class R>
 struct Fns {
-  using Update = void (*)(const typename R::K&, const float*, float*, float*, float*, float*,
-                          int64_t);
+  using Update = void (*)(const typename R::K&, const float*, float*, float*, float*, int64_t);
   using Step = void (*)(const typename R::K&, float, float, float*, const float*, float*,
                         float*, float*, int64_t);
   Update update;
@@ -228,8 +231,8 @@ struct Fns {
 
 #define BJ_DEFINE_RULE(NAME, RULE, SUFFIX, ATTRIBUTES)                                        \
   ATTRIBUTES void Update##NAME##SUFFIX(const RULE::K& k, const float* g, float* s0, float* s1, \
-                                       float* s2, float* u, int64_t n) {                      \
-    UpdateLoop<RULE>(k, g, s0, s1, s2, u, n);                                                 \
+                                       float* s2, int64_t n) {                                \
+    UpdateLoop<RULE>(k, g, s0, s1, s2, n);                                                    \
   }                                                                                           \
   ATTRIBUTES void Step##NAME##SUFFIX(const RULE::K& k, float f, float wd, float* p,           \
                                      const float* g, float* s0, float* s1, float* s2,         \
@@ -459,14 +462,13 @@ ffi::Error Update(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Rema
   }
   std::vector<std::vector<ffi::AnyBuffer>> in, out;
   std::vector<int64_t> sizes;
-  if (auto e = Gather(args, rets, 1 + kS, 1 + kS, in, out, sizes); e.failure()) return e;
+  if (auto e = Gather(args, rets, 1 + kS, kS, in, out, sizes); e.failure()) return e;
   const typename R::K k = R::Read(scalars.typed_data());
   const auto fn = ActiveFns<R>().update;
   ParallelFor(pool, MakeChunks(sizes), Total(sizes), [k, in, out, fn](const Chunk& c) {
     float* s[3] = {nullptr, nullptr, nullptr};
-    for (int j = 0; j < kS; ++j) s[j] = InPlace(in[1 + j][c.leaf], out[1 + j][c.leaf], c);
-    fn(k, F32(in[0][c.leaf]) + c.begin, s[0], s[1], s[2], F32(out[0][c.leaf]) + c.begin,
-       c.end - c.begin);
+    for (int j = 0; j < kS; ++j) s[j] = InPlace(in[1 + j][c.leaf], out[j][c.leaf], c);
+    fn(k, F32(in[0][c.leaf]) + c.begin, s[0], s[1], s[2], c.end - c.begin);
   });
   return ffi::Error::Success();
 }

@@ -367,11 +367,7 @@ def scale_by_adamax(
         mu, nu = _init_moments(params, None, None)
         return ScaleByAdamState(count=moments.zero_count(), mu=mu, nu=nu)
 
-    def update_fn(updates, state, params=None):
-        updates = moments.as_arrays(updates)
-        del params
-        moments.check_tree_match(where, updates, state.mu, "mu")
-        count = optax.safe_increment(state.count)
+    def make_leaf(count):
         debias = moments.Debias(count)
 
         def leaf(g, m, v):
@@ -388,10 +384,19 @@ def scale_by_adamax(
                 moments.store(v_new, v.dtype),
             )
 
-        u, mu, nu = moments.tree_map_multi(leaf, 3, updates, state.mu, state.nu)
-        return u, ScaleByAdamState(count=count, mu=mu, nu=nu)
+        return leaf
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    def prepare(state):
+        count = optax.safe_increment(state.count)
+        return engine.Prepared(
+            make_leaf,
+            count,
+            None,
+            (state.mu, state.nu),
+            lambda mu, nu: ScaleByAdamState(count=count, mu=mu, nu=nu),
+        )
+
+    return engine.elementwise(where, init_fn, prepare, lambda state: (state.mu, "mu"))
 
 
 def scale_by_rms(
@@ -467,11 +472,7 @@ def scale_by_rms(
         nu = moments.tree_full_like(params, initial_scale, real=True)
         return make_state(moments.zero_count(), mu, nu)
 
-    def update_fn(updates, state, params=None):
-        updates = moments.as_arrays(updates)
-        del params
-        moments.check_tree_match(where, updates, state.nu, "nu")
-        count = optax.safe_increment(state.count) if bias_correction else None
+    def make_leaf(count):
         debias = moments.Debias(count) if bias_correction else None
 
         def leaf(g, v, m):
@@ -491,12 +492,19 @@ def scale_by_rms(
             m_out = None if m_new is None else moments.store(m_new, m.dtype)
             return moments.store(u, g.dtype), moments.store(v_new, v.dtype), m_out
 
-        u, nu, mu = moments.tree_map_multi(
-            leaf, 3, updates, state.nu, state.mu if centered else None
-        )
-        return u, make_state(count, mu if centered else None, nu)
+        return leaf
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    def prepare(state):
+        count = optax.safe_increment(state.count) if bias_correction else None
+        return engine.Prepared(
+            make_leaf,
+            count,
+            None,
+            (state.nu, state.mu if centered else None),
+            lambda nu, mu: make_state(count, mu, nu),
+        )
+
+    return engine.elementwise(where, init_fn, prepare, lambda state: (state.nu, "nu"))
 
 
 def scale_by_rss(
@@ -550,30 +558,33 @@ def scale_by_rss(
         acc = moments.tree_full_like(params, initial_accumulator_value, real=True)
         return ScaleByRssState(sum_of_squares=acc)
 
-    def update_fn(updates, state, params=None):
-        updates = moments.as_arrays(updates)
-        del params
-        moments.check_tree_match(where, updates, state.sum_of_squares, "sum_of_squares")
+    def leaf(g, a):
+        c = moments.compute_dtype(g.dtype)
+        gc = moments.to_compute(g)
+        rc = moments.real_dtype(c)
+        # A sum never shrinks: saturate it rather than let it overflow to inf.
+        a_new = jnp.minimum(a.astype(rc) + moments.abs_sq(gc), jnp.finfo(rc).max)
+        if eps_in_sqrt:
+            # 0 where nothing has accumulated (Optax's convention); the
+            # guarded denominator keeps derivatives finite there too.
+            # A NaN accumulator is not "empty": it still shows in the update.
+            empty = a_new == 0
+            safe = jnp.where(empty, jnp.ones((), rc), a_new + eps)
+            direction = moments.to_compute_again(g) / jnp.sqrt(safe)
+            u = jnp.where(empty, jnp.zeros((), gc.dtype), direction)
+        else:
+            u = moments.to_compute_again(g) / (jnp.sqrt(a_new) + eps)
+        return moments.store(u, g.dtype), moments.store(a_new, a.dtype)
 
-        def leaf(g, a):
-            c = moments.compute_dtype(g.dtype)
-            gc = moments.to_compute(g)
-            rc = moments.real_dtype(c)
-            # A sum never shrinks: saturate it rather than let it overflow to inf.
-            a_new = jnp.minimum(a.astype(rc) + moments.abs_sq(gc), jnp.finfo(rc).max)
-            if eps_in_sqrt:
-                # 0 where nothing has accumulated (Optax's convention); the
-                # guarded denominator keeps derivatives finite there too.
-                # A NaN accumulator is not "empty": it still shows in the update.
-                empty = a_new == 0
-                safe = jnp.where(empty, jnp.ones((), rc), a_new + eps)
-                direction = moments.to_compute_again(g) / jnp.sqrt(safe)
-                u = jnp.where(empty, jnp.zeros((), gc.dtype), direction)
-            else:
-                u = moments.to_compute_again(g) / (jnp.sqrt(a_new) + eps)
-            return moments.store(u, g.dtype), moments.store(a_new, a.dtype)
+    def prepare(state):
+        return engine.Prepared(
+            lambda args: leaf,
+            None,
+            None,
+            (state.sum_of_squares,),
+            lambda acc: ScaleByRssState(sum_of_squares=acc),
+        )
 
-        u, acc = moments.tree_map_multi(leaf, 2, updates, state.sum_of_squares)
-        return u, ScaleByRssState(sum_of_squares=acc)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return engine.elementwise(
+        where, init_fn, prepare, lambda state: (state.sum_of_squares, "sum_of_squares")
+    )

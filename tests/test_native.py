@@ -582,7 +582,7 @@ def random_rule_state(tx, params, rng, count):
     return (rule_state, *state[1:])
 
 
-def rule_magnitudes(tx, state, params, grads, how):
+def rule_magnitudes(tx, state, params, grads):
     """Each result's terms in float64: the rule's transcription on |g|, |m|, |p|."""
     from bayesopt_jax._src import engine
 
@@ -615,7 +615,7 @@ def test_amsgrad_and_sigma_kernels_agree_with_the_pure_path(name, how, count, rn
 
     assert uses_kernel(make(), params, state, grads)
     got, want = both_paths(make, params, state, grads)
-    rule, mags = rule_magnitudes(tx, state, params, grads, how)
+    rule, mags = rule_magnitudes(tx, state, params, grads)
     k_units = RULE_BOUND[rule]
     present = [f for f in state[0]._fields if f != "count" and getattr(state[0], f) is not None]
     tiny = float(np.finfo(np.float32).tiny)
@@ -643,7 +643,7 @@ def test_the_rule_bound_is_not_vacuous(rng):
     state = random_rule_state(good_tx, params, rng, 5)
     good = jax.jit(make_step(good_tx, "fused"))(params, state, grads)
     bad = jax.jit(make_step(bad_tx, "fused"))(params, state, grads)
-    _, mags = rule_magnitudes(good_tx, state, params, grads, "fused")
+    _, mags = rule_magnitudes(good_tx, state, params, grads)
     sig_mag = mags["big"][1][1]
     a = np.asarray(bad[1][0].sigma["big"], np.float64)
     b = np.asarray(good[1][0].sigma["big"], np.float64)

@@ -61,6 +61,11 @@ def _first_moment(g, m, b1, bc1, count, *, nesterov: bool):
     return m_new, m_hat
 
 
+def _stored(*pairs) -> tuple:
+    """Each computed value stored in the dtype of the buffer it replaces (``(value, like)`` pairs)."""
+    return tuple(moments.store(x, like.dtype) for x, like in pairs)
+
+
 def _kernel_ready(b1, b2, eps, eps_root) -> bool:
     """Whether the native rules can take these hyperparameters (Python numbers, no eps_root)."""
     return engine.python_numbers(b1, b2, eps, eps_root) and eps_root == 0 and native.use_native()
@@ -178,11 +183,7 @@ def scale_by_adam(
             v_new = moments.ema(moments.abs_sq(gc), v.astype(moments.real_dtype(c)), b2)
             v_hat = v_new / debias(b2, c) if bias_correction else v_new
             u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
-            return (
-                moments.store(u, g.dtype),
-                moments.store(m_new, m.dtype),
-                moments.store(v_new, v.dtype),
-            )
+            return _stored((u, g), (m_new, m), (v_new, v))
 
         return leaf
 
@@ -293,12 +294,7 @@ def scale_by_amsgrad(
                 n_new = jnp.maximum(n.astype(rc), v_hat)
                 v_eff = n_new
             u = m_hat / (jnp.sqrt(v_eff + eps_root) + eps)
-            return (
-                moments.store(u, g.dtype),
-                moments.store(m_new, m.dtype),
-                moments.store(v_new, v.dtype),
-                moments.store(n_new, n.dtype),
-            )
+            return _stored((u, g), (m_new, m), (v_new, v), (n_new, n))
 
         return leaf
 
@@ -378,11 +374,7 @@ def scale_by_adamax(
             b2c = jnp.asarray(b2, moments.real_dtype(c))
             v_new = jnp.maximum(b2c * v.astype(b2c.dtype), jnp.abs(gc) + eps)
             u = m_hat / v_new
-            return (
-                moments.store(u, g.dtype),
-                moments.store(m_new, m.dtype),
-                moments.store(v_new, v.dtype),
-            )
+            return _stored((u, g), (m_new, m), (v_new, v))
 
         return leaf
 

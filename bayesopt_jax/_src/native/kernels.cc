@@ -177,9 +177,24 @@ struct Sigma {
 };
 
 // ---------------------------------------------------------------------------
-// The loops: a rule over one chunk, as an update (u written) or as a step
-// (p updated). Up to three state streams; unused ones are null.
+// The loops: a rule over one chunk, as an update (the state only) or as a
+// step (p updated too). Up to three state streams; unused ones are null.
 // ---------------------------------------------------------------------------
+
+// Element i of a chunk: reads the state, applies the rule, writes the state
+// back, returns u.
+template <class R>
+BJ_ALWAYS_INLINE float ApplyAt(const typename R::K& k, const float* __restrict g,
+                               float* __restrict s0, float* __restrict s1,
+                               float* __restrict s2, int64_t i) {
+  float a = s0[i], b = s1[i], c = 0.0f;
+  if constexpr (R::kStates > 2) c = s2[i];
+  const float u = R::Element(k, g[i], a, b, c);
+  s0[i] = a;
+  s1[i] = b;
+  if constexpr (R::kStates > 2) s2[i] = c;
+  return u;
+}
 
 template <class R>
 BJ_ALWAYS_INLINE void UpdateLoop(const typename R::K k, const float* __restrict g,
@@ -187,12 +202,7 @@ BJ_ALWAYS_INLINE void UpdateLoop(const typename R::K k, const float* __restrict 
                                  float* __restrict s2, int64_t n) {
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
-    float a = s0[i], b = s1[i], c = 0.0f;
-    if constexpr (R::kStates > 2) c = s2[i];
-    (void)R::Element(k, g[i], a, b, c);  // u is dead code here: only the state is kept
-    s0[i] = a;
-    s1[i] = b;
-    if constexpr (R::kStates > 2) s2[i] = c;
+    (void)ApplyAt<R>(k, g, s0, s1, s2, i);  // u is dead code here: only the state is kept
   }
 }
 
@@ -203,12 +213,7 @@ BJ_ALWAYS_INLINE void StepLoop(const typename R::K k, float factor, float wd,
                                float* __restrict s2, int64_t n) {
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
-    float a = s0[i], b = s1[i], c = 0.0f;
-    if constexpr (R::kStates > 2) c = s2[i];
-    float u = R::Element(k, g[i], a, b, c);
-    s0[i] = a;
-    s1[i] = b;
-    if constexpr (R::kStates > 2) s2[i] = c;
+    float u = ApplyAt<R>(k, g, s0, s1, s2, i);
     if (kDecay) u = std::fmaf(wd, p[i], u);
     p[i] = std::fmaf(u, factor, p[i]);
   }

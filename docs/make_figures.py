@@ -17,12 +17,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "docs" / "figures"
 
-# example -> (extra flags, figures the docs use)
+# example -> (extra flags, figures the docs use: a name, or (written as, shown as))
 JOBS = {
     "train_digits": (["--no-progress"], ["loss_curves.png"]),
     "kingma_ba": ([], ["logreg.png", "bias_correction.png"]),
     "sigma_regimes": ([], ["fixed_point.png", "full_matrix.png", "quadratic.png"]),
     "uncertainty": ([], ["reliability.png", "entropy.png"]),
+    "train_lm": (["--no-progress"], [("loss_curves.png", "lm_loss_curves.png")]),
 }
 
 
@@ -35,8 +36,9 @@ def main(names: list[str]) -> None:
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
         for fig in figures:
-            shutil.copy(out / fig, FIGURES / fig)
-            print("  ->", (FIGURES / fig).relative_to(ROOT))
+            source, target = (fig, fig) if isinstance(fig, str) else fig
+            shutil.copy(out / source, FIGURES / target)
+            print("  ->", (FIGURES / target).relative_to(ROOT))
 
 
 if __name__ == "__main__":

@@ -465,7 +465,7 @@ def variational_sigma_filter(
     loop is the usual Optax loop plus one line, the draw at which the
     gradient is taken (:func:`~bayesopt_jax.training_sample`); after
     training, :func:`~bayesopt_jax.sample_posterior` at ``scale=1`` draws
-    from the same posterior :math:`\mathcal N(ar	heta, v)`,
+    from the same posterior :math:`\mathcal N(\bar\theta, v)`,
     :math:`v = 1/(N(h+\delta))`, for a model average. Same guard as
     :func:`~bayesopt_jax.sigma_filter` (``max_ratio=2``); details of every
     argument: :func:`~bayesopt_jax.scale_by_variational_sigma_filter`.

@@ -16,7 +16,7 @@ over the data axis (:func:`bayesopt_jax.state_shardings` says which arrays
 those are). Orbax checkpoints are written every ``--checkpoint-every`` steps
 and ``--resume`` continues from the last one, bit for bit.
 
-    python examples/train_lm.py                                   # ~5 min on 2 CPU cores
+    python examples/train_lm.py                                   # ~6 min on 2 CPU cores
     python examples/train_lm.py --devices 8                       # 8 simulated CPU devices
     python examples/train_lm.py --processes 2 --devices 4         # a 2-process cluster
     python examples/train_lm.py --optimizers adamw --steps 5000 --d-model 512 --layers 8
@@ -437,36 +437,58 @@ class Trainer:
     # -- the loop ----------------------------------------------------------
 
     def run(self, progress):
+        """Train to ``--steps``, reading losses back every ``--log-every`` steps.
+
+        Steps are dispatched without waiting for their results, so an
+        accelerator can run ahead of Python by up to ``--log-every`` steps;
+        evaluations and checkpoints see a complete history.
+        """
         a = self.args
         tokens_per_step = a.batch_size * a.seq_len
         progress.reset(total=a.steps)
         progress.update(self.step)
         progress.set_description(self.name)
+        pending = []
         while self.step < a.steps:
-            batch = self.train_batch(self.step)
             t0 = time.perf_counter()
+            batch = self.train_batch(self.step)
             self.params, self.state, loss, gnorm = self.step_fn(self.params, self.state, batch)
-            loss, gnorm = float(host_value(loss)), float(host_value(gnorm))
-            self.train_seconds += time.perf_counter() - t0
+            pending.append((loss, gnorm))
             self.step += 1
-            self.history["step"].append(self.step)
-            self.history["train_loss"].append(loss)
-            self.history["grad_norm"].append(gnorm)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"{self.name}: loss {loss} at step {self.step}")
-            if self.step % a.eval_every == 0 or self.step == a.steps:
+            evaluate = self.step % a.eval_every == 0 or self.step == a.steps
+            save = self.manager is not None and (
+                self.step == a.steps or self.manager.should_save(self.step)
+            )
+            if evaluate or save or self.step % a.log_every == 0 or self.step == a.crash_at:
+                self.record(pending)
+                progress.update(len(pending))
+                pending = []
+            self.train_seconds += time.perf_counter() - t0
+            if evaluate:
                 self.history["val"].append([self.step, self.validation_loss()])
-            if self.manager is not None:
+            if save:
                 self.save(force=self.step == a.steps)
-            if a.crash_at is not None and self.step == a.crash_at:
+            if self.step == a.crash_at:
                 os.kill(os.getpid(), signal.SIGKILL)  # an abrupt end, for testing --resume
-            progress.update(1)
-            timed = len(self.history["train_loss"])
-            rate = tokens_per_step * timed / max(self.train_seconds, 1e-9)
-            progress.set_postfix(loss=f"{loss:.3f}", tokens_s=f"{rate:,.0f}")
+            if not pending:
+                timed = len(self.history["train_loss"])
+                rate = tokens_per_step * timed / max(self.train_seconds, 1e-9)
+                loss = self.history["train_loss"][-1]
+                progress.set_postfix(loss=f"{loss:.3f}", tokens_s=f"{rate:,.0f}")
         if self.manager is not None:
             self.manager.wait_until_finished()
             self.manager.close()
+
+    def record(self, pending):
+        """Appends the losses of the steps just run to the history (waits for them)."""
+        first = self.step - len(pending) + 1
+        for n, (loss, gnorm) in enumerate(pending):
+            loss, gnorm = float(host_value(loss)), float(host_value(gnorm))
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{self.name}: loss {loss} at step {first + n}")
+            self.history["step"].append(first + n)
+            self.history["train_loss"].append(loss)
+            self.history["grad_norm"].append(gnorm)
 
     def summary(self) -> dict:
         a = self.args
@@ -581,6 +603,7 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--val-fraction", type=float, default=0.1, help="share of files held out")
     ap.add_argument("--val-batches", type=int, default=8)
     ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--log-every", type=int, default=10, help="steps between loss read-backs")
     ap.add_argument("--checkpoint-every", type=int, default=50)
     ap.add_argument("--no-checkpoints", action="store_true")
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoints")
@@ -604,7 +627,16 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--process-id", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    for name in ("steps", "batch_size", "seq_len", "d_model", "heads", "layers", "eval_every"):
+    for name in (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "d_model",
+        "heads",
+        "layers",
+        "eval_every",
+        "log_every",
+    ):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.checkpoint_every < 1:

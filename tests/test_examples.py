@@ -129,10 +129,13 @@ def test_train_lm_smoke_two_devices(tmp_path):
     # The same run on a cluster of two processes (one device each, gloo over
     # loopback) is bit for bit the single-process run: a sum of two per-device
     # gradients does not depend on the order it is taken in.
-    _run_lm(tmp_path / "cluster", "--processes", "2")
+    two = ["adamw", "variational_sigma_filter"]
+    _run_lm(tmp_path / "cluster", "--processes", "2", "--optimizers", *two)
     assert json.loads((tmp_path / "cluster" / "results.json").read_text())["processes"] == 2
     cluster = _lm_record(tmp_path / "cluster")
-    for name, r in results.items():
+    assert list(cluster) == two
+    for name in two:
+        r = results[name]
         for key in ("params_fingerprint", "state_fingerprint", "history"):
             assert cluster[name][key] == r[key], (name, key)
 

@@ -448,6 +448,7 @@ class Trainer:
         progress.reset(total=a.steps)
         progress.update(self.step)
         progress.set_description(self.name)
+        progress.set_postfix_str("")
         pending = []
         while self.step < a.steps:
             t0 = time.perf_counter()

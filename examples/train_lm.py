@@ -240,15 +240,21 @@ def zero_shardings(tx, abstract_params, mesh) -> object:
 
     :func:`bayesopt_jax.state_shardings` gives each state array the sharding
     of the parameter it mirrors (replicated here) and replicates the rest
-    (counters, keys). Each mirroring array is then split over the data axis
-    along its first dimension that is not sharded yet and that the axis
-    size divides; arrays with no such dimension stay as they are.
+    (counters, keys); ``optax.tree_map_params`` tells the two kinds apart.
+    Each mirroring array is then split over the data axis along its first
+    dimension that is not sharded yet and that the axis size divides; arrays
+    with no such dimension stay as they are.
     """
     n = mesh.shape["data"]
     base = bj.state_shardings(tx, abstract_params)
     abstract_state = jax.eval_shape(tx.init, abstract_params)
+    mirrors = optax.tree_map_params(
+        tx, lambda _: True, abstract_state, transform_non_params=lambda _: False
+    )
 
-    def split(leaf, sharding):
+    def split(leaf, sharding, mirror):
+        if not mirror:
+            return sharding
         spec = list(sharding.spec) + [None] * (leaf.ndim - len(sharding.spec))
         for axis, size in enumerate(leaf.shape):
             if spec[axis] is None and size % n == 0 and size >= n:
@@ -257,7 +263,11 @@ def zero_shardings(tx, abstract_params, mesh) -> object:
         return sharding
 
     return jax.tree.map(
-        split, abstract_state, base, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+        split,
+        abstract_state,
+        base,
+        mirrors,
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
     )
 
 

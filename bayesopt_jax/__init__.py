@@ -40,6 +40,14 @@ from bayesopt_jax._src.posterior import (
     sample_posterior,
     training_sample,
 )
+from bayesopt_jax._src.quantize import Blockwise8, Quantized
+from bayesopt_jax._src.rounding import (
+    KahanSummationState,
+    StochasticRoundingState,
+    kahan_summation,
+    stochastic_round,
+    stochastic_rounding,
+)
 from bayesopt_jax._src.sigma import (
     ScaleBySigmaFilterFullState,
     ScaleBySigmaFilterState,
@@ -59,7 +67,10 @@ __version__ = "0.1.0"
 __all__ = [
     "AmsgradMaxState",
     "BiasCorrectionState",
+    "Blockwise8",
+    "KahanSummationState",
     "Packed",
+    "Quantized",
     "ScaleByAdamState",
     "ScaleByAmsgradState",
     "ScaleByRmsState",
@@ -67,6 +78,7 @@ __all__ = [
     "ScaleBySigmaFilterFullState",
     "ScaleBySigmaFilterState",
     "ScaleByVariationalSigmaFilterState",
+    "StochasticRoundingState",
     "adagrad",
     "adam",
     "adamax",
@@ -78,6 +90,7 @@ __all__ = [
     "calibrate_posterior_scale",
     "cross_replica_mean",
     "fused_step",
+    "kahan_summation",
     "laplace_scale",
     "load_npz",
     "native_available",
@@ -101,6 +114,8 @@ __all__ = [
     "sigma_star",
     "sigma_star_full",
     "state_shardings",
+    "stochastic_round",
+    "stochastic_rounding",
     "training_sample",
     "unpack",
     "variational_sigma_filter",

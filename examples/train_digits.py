@@ -142,13 +142,15 @@ def main(argv=None):
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
         "--state-dtype",
-        choices=["float32", "bfloat16"],
+        choices=["float32", "bfloat16", "8bit"],
         default="float32",
-        help="moment dtype of adam, adamw and amsgrad (arithmetic stays float32)",
+        help="moment storage of adam, adamw and amsgrad (arithmetic stays float32); "
+        "8bit: block-wise 8-bit codes",
     )
     args = parser.parse_args(argv)
 
-    zoo = optimizer_zoo(args.lr, jnp.dtype(args.state_dtype))
+    state_dtype = bj.Blockwise8() if args.state_dtype == "8bit" else jnp.dtype(args.state_dtype)
+    zoo = optimizer_zoo(args.lr, state_dtype)
     names = args.optimizers or list(zoo)
     unknown = sorted(set(names) - set(zoo))
     if unknown:

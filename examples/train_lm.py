@@ -73,6 +73,7 @@ OPTIMIZERS = (
     "sigma_fixed_point",
     "variational_sigma_filter",
 )
+EIGHT_BIT = ("adamw", "adam", "amsgrad", "sigma_filter", "sigma_fixed_point")
 DEFAULT_OPTIMIZERS = ("adamw", "sigma_filter", "variational_sigma_filter")
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
 
@@ -212,18 +213,27 @@ def make_optimizer(name: str, args, num_data: int, tokens_per_step: int):
     clip = optax.clip_by_global_norm(args.clip)
     after = optax.scale_by_schedule(warmup_cosine(args))
     wd = dict(weight_decay=args.weight_decay, mask=decay_mask)
+    st = {}
+    if args.state_dtype == "8bit":
+        if name not in EIGHT_BIT:
+            raise ValueError(f"--state-dtype 8bit: supported by {', '.join(EIGHT_BIT)}, not {name}")
+        fmt = bj.Blockwise8()
+        st = dict(mu_dtype=fmt, nu_dtype=fmt)
+        if name.startswith("sigma"):
+            st["sigma_dtype"] = fmt
     if name == "adamw":
-        return optax.chain(clip, bj.adamw(lr, b2=args.b2, **wd))
+        return optax.chain(clip, bj.adamw(lr, b2=args.b2, **wd, **st))
     if name == "adam":
-        return optax.chain(clip, bj.adam(lr, b2=args.b2))
+        return optax.chain(clip, bj.adam(lr, b2=args.b2, **st))
     if name == "amsgrad":
-        return optax.chain(clip, bj.amsgrad(lr, b2=args.b2))
+        return optax.chain(clip, bj.amsgrad(lr, b2=args.b2, **st))
     if name == "rmsprop":
         return optax.chain(clip, bj.rmsprop(lr, decay=args.b2))
     if name == "sigma_filter":
-        return optax.chain(clip, bj.sigma_filter(args.lr, beta=args.b2, b1=0.9), after)
+        return optax.chain(clip, bj.sigma_filter(args.lr, beta=args.b2, b1=0.9, **st), after)
     if name == "sigma_fixed_point":
-        return optax.chain(clip, bj.sigma_fixed_point(args.lr, beta=args.b2, b1=0.9), after)
+        fixed = bj.sigma_fixed_point(args.lr, beta=args.b2, b1=0.9, **st)
+        return optax.chain(clip, fixed, after)
     if name == "variational_sigma_filter":
         return optax.chain(
             clip,
@@ -620,6 +630,12 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoints")
     ap.add_argument("--sample-length", type=int, default=200, help="bytes of generated text")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--state-dtype",
+        choices=["float32", "8bit"],
+        default="float32",
+        help="optimizer state storage; 8bit: block-wise 8-bit codes (bayesopt_jax.Blockwise8)",
+    )
     ap.add_argument(
         "--devices", type=int, default=None, help="devices in all (default: every device)"
     )

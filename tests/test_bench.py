@@ -31,6 +31,9 @@ def test_bench_harness_smoke(tmp_path):
         assert r["roofline_fraction"] is None or r["roofline_fraction"] > 0, name
         assert abs(r["vs_optax"] - r["step_s"] / rows["optax.adam"]["step_s"]) < 1e-12
     assert report["roofline_bytes_per_s"] > 0
+    # The state column is measured from the allocated state (scales and counters included).
+    assert rows["bj.adam"]["state_B"] == pytest.approx((129 * 8 + 4) / 129)
+    assert rows["bj.adam 8bit state"]["state_B"] < rows["bj.adam"]["state_B"] / 2
     for mode, cells in report["first_init"].items():
         assert set(cells) == set(bench.INIT_OPTIMIZERS), mode
         for name, c in cells.items():
@@ -95,3 +98,29 @@ def test_hlo_audit_reads_the_compiled_step(tmp_path):
         assert row["loops"] >= 1, name
         assert row["bytes_per_param"] >= row["minimum_bytes_per_param"], name
         assert row["expensive_ops"] >= 2, name
+
+
+def test_memory_accuracy_smoke(tmp_path):
+    """The 8-bit / bf16 accuracy harness end to end on digits, two epochs."""
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "memory_accuracy", ROOT / "benchmarks" / "memory_accuracy.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    results = mod.main(
+        ["--data", "digits", "--seeds", "1", "--epochs", "2", "--out", str(tmp_path)]
+    )
+    by = {r["config"]: r for r in results}
+    assert set(by) == set(mod.CONFIGS)
+    for r in results:
+        assert np.isfinite(r["test_nll"]) and np.isfinite(r["train_nll"]), r
+        assert 0 <= r["frozen_late"] <= 1
+    # Bytes per parameter from the arrays themselves (the MLP's rows are 128
+    # or 10 wide: 1 byte per entry + one float32 scale per row per moment).
+    assert by["adam fp32"]["state_bytes_per_param"] == 8.0
+    assert 2.0 < by["adam 8bit"]["state_bytes_per_param"] <= 2.2
+    assert by["bf16 kahan"]["param_bytes_per_param"] == 2.0
+    assert by["bf16 kahan"]["state_bytes_per_param"] == 10.0
+    assert (tmp_path / "results.json").exists()

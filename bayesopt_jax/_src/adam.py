@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from optax._src import transform as _optax_transform
 
-from bayesopt_jax._src import engine, moments, native, validation
+from bayesopt_jax._src import engine, moments, native, quantize, validation
 
 Array = jax.Array
 PyTree = Any
@@ -28,13 +28,13 @@ def _check_adam_args(where: str, b1, b2, eps, eps_root, mu_dtype=None, nu_dtype=
     validation.check_decay("b2", b2, where)
     validation.check_nonnegative("eps", eps, where)
     validation.check_nonnegative("eps_root", eps_root, where)
-    validation.check_dtype("mu_dtype", mu_dtype, where)
-    validation.check_dtype("nu_dtype", nu_dtype, where)
+    quantize.check_state_dtype("mu_dtype", mu_dtype, where)
+    quantize.check_state_dtype("nu_dtype", nu_dtype, where)
 
 
-def _init_moments(params, mu_dtype, nu_dtype):
-    mu = moments.tree_zeros_like(params, mu_dtype)
-    nu = moments.tree_zeros_like(params, nu_dtype, real=True)
+def _init_moments(params, mu_dtype, nu_dtype, where="scale_by_adam"):
+    mu = quantize.state_like(params, mu_dtype, signed=True, name="mu_dtype", where=where)
+    nu = quantize.state_like(params, nu_dtype, signed=False, name="nu_dtype", where=where)
     return mu, nu
 
 
@@ -141,11 +141,12 @@ def scale_by_adam(
       eps: added to the denominator outside the square root, >= 0.
       eps_root: added inside the square root, >= 0 (useful when
         differentiating through the update).
-      mu_dtype: dtype of ``mu`` (default: the parameters').
+      mu_dtype: dtype of ``mu`` (default: the parameters'), or a storage
+        format such as :class:`~bayesopt_jax.Blockwise8`.
       nesterov: use Nesterov's look-ahead first moment.
       bias_correction: divide the moments by :math:`1-b^t` (keyword-only
         addition; Optax always corrects).
-      nu_dtype: dtype of ``nu`` (keyword-only addition; default: the
+      nu_dtype: dtype or storage format of ``nu`` (keyword-only addition; default: the
         parameters' real dtype).
 
     Returns:
@@ -243,11 +244,12 @@ def scale_by_amsgrad(
       b2: decay of the second moment, in [0, 1).
       eps: added outside the square root, >= 0.
       eps_root: added inside the square root, >= 0.
-      mu_dtype: dtype of ``mu`` (default: the parameters').
+      mu_dtype: dtype of ``mu`` (default: the parameters'), or a storage
+        format such as :class:`~bayesopt_jax.Blockwise8`.
       bias_correction_mu: divide the first moment by :math:`1-b_1^t`.
       bias_correction_nu: divide the second moment by :math:`1-b_2^t`.
       max_of: ``"corrected"`` or ``"raw"`` (keyword-only addition, see above).
-      nu_dtype: dtype of ``nu`` and ``nu_max`` (keyword-only addition;
+      nu_dtype: dtype or storage format of ``nu`` and ``nu_max`` (keyword-only addition;
         default: the parameters' real dtype).
 
     Returns:
@@ -272,8 +274,8 @@ def scale_by_amsgrad(
     validation.check_choice("max_of", max_of, _MAX_OF, where)
 
     def init_fn(params):
-        mu, nu = _init_moments(params, mu_dtype, nu_dtype)
-        nu_max = moments.tree_zeros_like(params, nu_dtype, real=True)
+        mu, nu = _init_moments(params, mu_dtype, nu_dtype, where)
+        nu_max = quantize.state_like(params, nu_dtype, signed=False, name="nu_dtype", where=where)
         return ScaleByAmsgradState(count=moments.zero_count(), mu=mu, nu=nu, nu_max=nu_max)
 
     def make_leaf(count):

@@ -70,9 +70,9 @@ def adam(
       b2: as in :func:`~bayesopt_jax.scale_by_adam`.
       eps: as in :func:`~bayesopt_jax.scale_by_adam`.
       eps_root: as in :func:`~bayesopt_jax.scale_by_adam`.
-      mu_dtype: dtype of the first moment.
+      mu_dtype: dtype of the first moment, or :class:`~bayesopt_jax.Blockwise8`.
       nesterov: Nesterov look-ahead (NAdam).
-      nu_dtype: dtype of the second moment (keyword-only addition).
+      nu_dtype: dtype (or storage format) of the second moment (keyword-only addition).
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -189,11 +189,11 @@ def amsgrad(
       b2: as in :func:`~bayesopt_jax.scale_by_adam`.
       eps: as in :func:`~bayesopt_jax.scale_by_adam`.
       eps_root: as in :func:`~bayesopt_jax.scale_by_adam`.
-      mu_dtype: dtype of the first moment.
+      mu_dtype: dtype of the first moment, or :class:`~bayesopt_jax.Blockwise8`.
       bias_correction_mu: divide the first moment by :math:`1-b_1^t`.
       bias_correction_nu: divide the second moment by :math:`1-b_2^t`.
       max_of: ``"corrected"`` or ``"raw"`` (keyword-only addition).
-      nu_dtype: dtype of ``nu`` and ``nu_max`` (keyword-only addition).
+      nu_dtype: dtype (or storage format) of ``nu`` and ``nu_max`` (keyword-only addition).
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -384,6 +384,9 @@ def sigma_filter(
     eps: float | jax.Array = sigma_lib.DEFAULT_EPS,
     sigma_max: float | jax.Array | None = None,
     max_ratio: float | jax.Array | None = 2.0,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    sigma_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""The σ-filter optimizer: :math:`\theta_t = \theta_{t-1} - \sigma_t \odot d_t`.
 
@@ -407,6 +410,10 @@ def sigma_filter(
       eps: evidence floor, > 0.
       sigma_max: optional absolute cap on σ.
       max_ratio: cap σ ≤ κ·σ*(ŝ) (default 2); ``None`` turns it off.
+      mu_dtype: storage of the gradient EMA: a dtype or
+        :class:`~bayesopt_jax.Blockwise8`.
+      nu_dtype: storage of the evidence ``s``, likewise.
+      sigma_dtype: storage of σ, likewise.
         Details of all of these: :func:`~bayesopt_jax.scale_by_sigma_filter`.
 
     Returns:
@@ -435,6 +442,9 @@ def sigma_filter(
             eps=eps,
             sigma_max=sigma_max,
             max_ratio=max_ratio,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+            sigma_dtype=sigma_dtype,
         ),
         _descend(),
     )
@@ -540,6 +550,9 @@ def sigma_fixed_point(
     b1: float | jax.Array = 0.0,
     bias_correction: bool = True,
     eps: float | jax.Array = sigma_lib.DEFAULT_EPS,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    sigma_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""Descends with the σ-filter's fixed point: :math:`\theta_t = \theta_{t-1} - \sigma^*(\hat s_t) \odot d_t`.
 
@@ -553,6 +566,10 @@ def sigma_fixed_point(
       b1: decay of the gradient EMA used as direction (0: the raw gradient).
       bias_correction: debias the evidence and the direction.
       eps: evidence floor, > 0.
+      mu_dtype: storage of the gradient EMA: a dtype or
+        :class:`~bayesopt_jax.Blockwise8`.
+      nu_dtype: storage of the evidence ``s``, likewise.
+      sigma_dtype: storage of σ, likewise.
         Details: :func:`~bayesopt_jax.scale_by_sigma_fixed_point`.
 
     Returns:
@@ -568,7 +585,14 @@ def sigma_fixed_point(
     """
     tx = engine.chain(
         sigma_lib.scale_by_sigma_fixed_point(
-            eta, beta, b1=b1, bias_correction=bias_correction, eps=eps
+            eta,
+            beta,
+            b1=b1,
+            bias_correction=bias_correction,
+            eps=eps,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+            sigma_dtype=sigma_dtype,
         ),
         _descend(),
     )

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from bayesopt_jax._src import moments, native
+from bayesopt_jax._src import moments, native, quantize
 
 PyTree = Any
 _ATTRIBUTE = "__bayesopt_jax_description__"
@@ -123,7 +123,7 @@ def elementwise(
         del params
         updates = moments.as_arrays(updates)
         tree, name = checked_against(state)
-        moments.check_tree_match(where, updates, tree, name)
+        moments.check_tree_match(where, updates, tree, name, quantize.is_stored)
         prepared = prepare(state)
         u, new_states = apply(prepared, updates)
         return u, prepared.rebuild(*new_states)
@@ -145,12 +145,14 @@ def apply(prepared: Prepared, grads: PyTree) -> tuple[PyTree, tuple]:
     fast = [
         i
         for i, row in enumerate(rows)
-        if use and native.is_native_leaf(row[0], *(row[1 + j] for j in present))
+        if use
+        and not any(quantize.is_stored(x) for x in row)
+        and native.is_native_leaf(row[0], *(row[1 + j] for j in present))
     ]
     outs: list[Any] = [None] * len(rows)
     fast_set = set(fast)
     if len(fast_set) < len(rows):
-        leaf = prepared.make_leaf(prepared.args)
+        leaf = _decoding(prepared.make_leaf(prepared.args))
         for i, row in enumerate(rows):
             if i not in fast_set:
                 outs[i] = tuple(leaf(*row))
@@ -166,6 +168,28 @@ def apply(prepared: Prepared, grads: PyTree) -> tuple[PyTree, tuple]:
     trees = [treedef.unflatten([o[k] for o in outs]) for k in range(1 + len(cols))]
     new_states = tuple(None if cols[j] is None else trees[1 + j] for j in range(len(cols)))
     return trees[0], new_states
+
+
+def _decoding(leaf: Callable[..., Sequence[Any]]) -> Callable[..., tuple]:
+    """``leaf`` for rows whose state may be in a storage format (:mod:`.quantize`).
+
+    Stored state is decoded to float32 before the rule runs and the rule's
+    new state is encoded back in the same format; plain arrays pass through.
+    """
+
+    def run(g, *state):
+        stored = [quantize.as_stored(x) for x in state]
+        if not any(q is not None for q in stored):
+            return tuple(leaf(g, *state))
+        plain = [x if q is None else quantize.decode(q) for x, q in zip(state, stored, strict=True)]
+        u, *new = leaf(g, *plain)
+        new = [
+            x if q is None else quantize.like(quantize.reencode(x, q), old)
+            for x, q, old in zip(new, stored, state, strict=True)
+        ]
+        return (u, *new)
+
+    return run
 
 
 def _native(prepared: Prepared, present: list[int], gs: list, states: list[list]):

@@ -203,10 +203,20 @@ def as_arrays(tree: PyTree) -> PyTree:
     return jax.tree.map(jnp.asarray, tree)
 
 
-def check_tree_match(where: str, tree: PyTree, reference: PyTree, ref_name: str) -> None:
-    """Raises ``ValueError`` when ``tree`` does not have ``reference``'s structure."""
+def check_tree_match(
+    where: str,
+    tree: PyTree,
+    reference: PyTree,
+    ref_name: str,
+    is_leaf: Callable[[Any], bool] | None = None,
+) -> None:
+    """Raises ``ValueError`` when ``tree`` does not have ``reference``'s structure.
+
+    ``is_leaf`` marks the nodes of ``reference`` that stand for one leaf
+    (state stored in a format of several arrays).
+    """
     got = jax.tree.structure(tree)
-    expected = jax.tree.structure(reference)
+    expected = jax.tree.structure(reference, is_leaf=is_leaf)
     if got != expected:
         raise ValueError(
             f"{where}: the updates tree does not match the optimizer state ({ref_name}).\n"

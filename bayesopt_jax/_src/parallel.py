@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import optax
 
+from bayesopt_jax._src import quantize
+
 
 def cross_replica_mean(axis_name: Hashable | tuple[Hashable, ...]) -> optax.GradientTransformation:
     r"""Averages updates over a named mapped axis (``pmap`` or ``shard_map``).
@@ -108,11 +110,24 @@ def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
     param_shardings = jax.tree.unflatten(treedef, shardings)
     replicated = _replicated_like(shardings)
     abstract = jax.eval_shape(tx.init, params)
+
+    def mirror(leaf, sharding):
+        if isinstance(
+            leaf, optax.MaskedNode
+        ):  # optax.masked, kahan_summation's full-precision leaves
+            return leaf
+        stored = quantize.as_stored(leaf)
+        if stored is not None:
+            return quantize.like(quantize.stored_shardings(stored, sharding), leaf)
+        return sharding
+
     return optax.tree_map_params(
         tx,
-        lambda _, sharding: sharding,
+        mirror,
         abstract,
         param_shardings,
         transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+        is_leaf=lambda x: (
+            isinstance(x, jax.sharding.Sharding | optax.MaskedNode) or quantize.is_stored(x)
+        ),
     )

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bayesopt_jax._src import moments, validation, variational
+from bayesopt_jax._src import moments, quantize, validation, variational
 from bayesopt_jax._src.sigma import ScaleBySigmaFilterState
 from bayesopt_jax._src.variational import ScaleByVariationalSigmaFilterState
 
@@ -65,7 +65,7 @@ def posterior_variance(opt_state: PyTree) -> PyTree:
     state = _one_state(opt_state, "posterior_variance")
     if isinstance(state, ScaleByVariationalSigmaFilterState):
         return variational.variance_tree(state)
-    return state.sigma
+    return quantize.decoded(state.sigma)
 
 
 def training_sample(params: PyTree, opt_state: PyTree) -> PyTree:
@@ -267,11 +267,10 @@ def laplace_scale(
         return jnp.where(sig > 0, var / jnp.where(sig > 0, sig, 1), 0)
 
     is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    nu, sigma = quantize.decoded(state.nu), quantize.decoded(state.sigma)
     if precision is None:
-        return jax.tree.map(
-            lambda s, sig: leaf(s, sig, None), state.nu, state.sigma, is_leaf=is_masked
-        )
-    return jax.tree.map(leaf, state.nu, state.sigma, precision, is_leaf=is_masked)
+        return jax.tree.map(lambda s, sig: leaf(s, sig, None), nu, sigma, is_leaf=is_masked)
+    return jax.tree.map(leaf, nu, sigma, precision, is_leaf=is_masked)
 
 
 def calibrate_posterior_scale(

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from bayesopt_jax._src import engine, moments, native, validation
+from bayesopt_jax._src import engine, moments, native, quantize, validation
 
 Array = jax.Array
 PyTree = Any
@@ -151,16 +151,29 @@ class ScaleBySigmaFilterState(NamedTuple):
     sigma: PyTree
 
 
-def _init_sigma_state(params, b1, sigma_init):
-    mu = None if validation.is_static_zero(b1) else moments.tree_zeros_like(params)
-    nu = moments.tree_zeros_like(params, real=True)
-    if sigma_init is None:
-        sigma = moments.tree_zeros_like(params, real=True)
-    else:
-        sigma = jax.tree.map(
-            lambda p: moments.full_like(p, sigma_init, moments.real_dtype(moments.leaf_dtype(p))),
-            params,
+class StateDtypes(NamedTuple):
+    """Storage of the filter's buffers: dtypes, or formats such as :class:`~bayesopt_jax.Blockwise8`."""
+
+    mu: Any = None
+    nu: Any = None
+    sigma: Any = None
+
+    def check(self, where: str) -> None:
+        for name, dtype in zip(("mu_dtype", "nu_dtype", "sigma_dtype"), self, strict=True):
+            quantize.check_state_dtype(name, dtype, where)
+
+
+def _init_sigma_state(params, b1, sigma_init, dtypes=None, where="scale_by_sigma_filter"):
+    dtypes = StateDtypes() if dtypes is None else dtypes
+
+    def buffer(dtype, name, signed=False, value=None):
+        return quantize.state_like(
+            params, dtype, signed=signed, name=name, where=where, value=value
         )
+
+    mu = None if validation.is_static_zero(b1) else buffer(dtypes.mu, "mu_dtype", signed=True)
+    sigma = buffer(dtypes.sigma, "sigma_dtype", value=sigma_init)
+    nu = buffer(dtypes.nu, "nu_dtype")
     return ScaleBySigmaFilterState(count=moments.zero_count(), mu=mu, nu=nu, sigma=sigma)
 
 
@@ -215,7 +228,7 @@ def _finish_momentum(sc, g, m, s, sig):
     return sig * (m * sc[15])
 
 
-def _sigma_transformation(where, guards, eta, beta, b1, bias_correction, eps):
+def _sigma_transformation(where, guards, eta, beta, b1, bias_correction, eps, dtypes):
     """The shared skeleton: evidence, direction, σ by ``guards``, u = σ d."""
     if guards.fixed_point:
 
@@ -227,7 +240,7 @@ def _sigma_transformation(where, guards, eta, beta, b1, bias_correction, eps):
         new_sigma = filter_rule(guards.sigma_init, guards.sigma_max, guards.max_ratio)
 
     def init_fn(params):
-        return _init_sigma_state(params, b1, guards.sigma_init)
+        return _init_sigma_state(params, b1, guards.sigma_init, dtypes, where)
 
     def make_leaf(args):
         count, eta_t = args
@@ -270,6 +283,9 @@ def scale_by_sigma_filter(
     eps: float | Array = DEFAULT_EPS,
     sigma_max: float | Array | None = None,
     max_ratio: float | Array | None = None,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    sigma_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""The diagonal σ-filter: a per-parameter posterior variance scales the gradient.
 
@@ -315,6 +331,11 @@ def scale_by_sigma_filter(
       eps: evidence floor > 0 added to :math:`\hat s`.
       sigma_max: optional absolute cap on σ.
       max_ratio: optional κ ≥ 1 for the cap relative to the fixed point.
+      mu_dtype: storage of ``m``: ``None`` (the parameter's dtype), a dtype,
+        or :class:`~bayesopt_jax.Blockwise8` (8-bit codes, one scale per
+        block; the rule runs in float32 on the decoded values).
+      nu_dtype: storage of the evidence ``s``, likewise.
+      sigma_dtype: storage of σ, likewise.
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleBySigmaFilterState`.
@@ -342,8 +363,10 @@ def scale_by_sigma_filter(
             "eta", eta, low=0.0, low_inclusive=False, where=where + " (with sigma_init=None)"
         )
 
+    dtypes = StateDtypes(mu_dtype, nu_dtype, sigma_dtype)
+    dtypes.check(where)
     guards = Guards(sigma_init, sigma_max, max_ratio)
-    return _sigma_transformation(where, guards, eta, beta, b1, bias_correction, eps)
+    return _sigma_transformation(where, guards, eta, beta, b1, bias_correction, eps, dtypes)
 
 
 def scale_by_sigma_fixed_point(
@@ -353,6 +376,9 @@ def scale_by_sigma_fixed_point(
     b1: float | Array = 0.0,
     bias_correction: bool = True,
     eps: float | Array = DEFAULT_EPS,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    sigma_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""Scales the gradient by the closed-form fixed point of the σ-filter.
 
@@ -373,6 +399,9 @@ def scale_by_sigma_fixed_point(
       b1: decay of the gradient EMA; a plain 0 keeps no first moment.
       bias_correction: divide the EMAs by :math:`1-\beta^t`, :math:`1-b_1^t`.
       eps: evidence floor > 0.
+      mu_dtype: storage of ``m``, as in :func:`scale_by_sigma_filter`.
+      nu_dtype: storage of ``s``, likewise.
+      sigma_dtype: storage of σ, likewise.
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleBySigmaFilterState`.
@@ -388,8 +417,10 @@ def scale_by_sigma_fixed_point(
     where = "scale_by_sigma_fixed_point"
     check_sigma_args(where, eta, beta, b1, eps)
 
+    dtypes = StateDtypes(mu_dtype, nu_dtype, sigma_dtype)
+    dtypes.check(where)
     guards = Guards(fixed_point=True)
-    return _sigma_transformation(where, guards, eta, beta, b1, bias_correction, eps)
+    return _sigma_transformation(where, guards, eta, beta, b1, bias_correction, eps, dtypes)
 
 
 def full_posterior_step(sigma: Array, G_hat: Array, eta: Array | float) -> Array:

@@ -191,3 +191,25 @@ def is_static_zero(value: Any) -> bool:
     """
     x = _concrete(value) if not isinstance(value, jax.Array) else None
     return x == 0.0
+
+
+def key_data(key: Any, where: str) -> jax.Array:
+    """``key`` (an int seed, a typed PRNG key, or raw uint32[2] data) as raw threefry key data."""
+    if isinstance(key, int | jnp.integer) and not isinstance(key, bool):
+        return jax.random.key_data(jax.random.key(int(key)))
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"{where}: `key` must be a single PRNG key, got shape {key.shape}.")
+        return jax.random.key_data(key)
+    arr = jnp.asarray(key)
+    if arr.shape == () and jnp.issubdtype(arr.dtype, jnp.integer):
+        return jax.random.key_data(
+            jax.random.key(arr)
+        )  # an int seed as an array (inject_hyperparams)
+    if arr.dtype != jnp.uint32 or arr.shape != (2,):
+        raise ValueError(
+            f"{where}: `key` must be an int seed, a PRNG key from jax.random.key, or "
+            f"raw threefry key data (uint32[2]); got {type(key).__name__} "
+            f"{getattr(arr, 'dtype', '')}{list(getattr(arr, 'shape', ()))}."
+        )
+    return arr

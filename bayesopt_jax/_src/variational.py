@@ -64,27 +64,6 @@ def _is_masked(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
 
 
-def _key_data(key: int | Array, where: str) -> Array:
-    if isinstance(key, int | jnp.integer) and not isinstance(key, bool):
-        return jax.random.key_data(jax.random.key(int(key)))
-    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.shape != ():
-            raise ValueError(f"{where}: `key` must be a single PRNG key, got shape {key.shape}.")
-        return jax.random.key_data(key)
-    arr = jnp.asarray(key)
-    if arr.shape == () and jnp.issubdtype(arr.dtype, jnp.integer):
-        return jax.random.key_data(
-            jax.random.key(arr)
-        )  # an int seed as an array (inject_hyperparams)
-    if arr.dtype != jnp.uint32 or arr.shape != (2,):
-        raise ValueError(
-            f"{where}: `key` must be an int seed, a PRNG key from jax.random.key, or "
-            f"raw threefry key data (uint32[2]); got {type(key).__name__} "
-            f"{getattr(arr, 'dtype', '')}{list(getattr(arr, 'shape', ()))}."
-        )
-    return arr
-
-
 def _leaf_variance(nu, hess, state):
     """v = 1 / (N (h + δ)) for one leaf, in the leaf's compute dtype."""
     c = moments.real_dtype(moments.compute_dtype(nu.dtype))
@@ -251,7 +230,7 @@ def scale_by_variational_sigma_filter(
         validation.check_range(
             "eta", eta, low=0.0, low_inclusive=False, where=where + " (with sigma_init=None)"
         )
-    key_data = _key_data(key, where)
+    key_data = validation.key_data(key, where)
     new_sigma = sigma.filter_rule(sigma_init, sigma_max, max_ratio)
     reparam = curvature == "reparam"
 

@@ -225,6 +225,8 @@ def on_cpu(kernel: Any, pure: Any, *args: Any) -> Any:
 
 def is_native_leaf(*arrays: Any) -> bool:
     """Whether these leaves (gradient, state, parameters) are all float32 of one shape."""
+    if not all(hasattr(a, "dtype") for a in arrays):
+        return False  # state in a storage format (codes and scales)
     shape = jnp.shape(arrays[0])
     return all(
         jnp.result_type(a) == jnp.float32 and jnp.shape(a) == shape and jnp.size(a) > 0

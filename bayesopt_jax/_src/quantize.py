@@ -1,0 +1,309 @@
+r"""Block-wise 8-bit storage of optimizer state (Dettmers et al., ICLR 2022).
+
+A state array is stored as one 8-bit code per element and one float32 scale
+per block of ``block_size`` consecutive elements along its last axis:
+
+.. math::
+    x \approx q[c] \cdot s_b, \qquad s_b = \max_{i \in b} |x_i|,
+
+where :math:`q` is a fixed table of 256 values in [-1, 1] (signed, for first
+moments) or [0, 1] (unsigned, for second moments and variances). The tables
+are *dynamic*: each decade below the block maximum gets its own run of
+linearly spaced values, the top decade the most, so small entries keep a
+relative precision that a linear 8-bit grid would lose. Blocks run along the
+last axis and the codes have the array's own shape, so a state array is
+sharded exactly like its parameter; a block straddles devices only when a
+device's share of the last axis is not a multiple of the block size.
+
+Arithmetic never happens on codes: a step decodes to float32, runs the
+transformation's own per-leaf rule, and encodes the result.
+
+References:
+  Dettmers, Lewis, Shleifer, Zettlemoyer. *8-bit Optimizers via Block-wise
+  Quantization*. ICLR 2022. https://arxiv.org/abs/2110.02861
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bayesopt_jax._src import moments, validation
+
+Array = jax.Array
+
+CODES = 256
+DECADES = 7
+
+
+def _decade(count: int, level: int) -> np.ndarray:
+    """``count`` values spread evenly over the decade ``[10**-level, 10**(1 - level)]``.
+
+    Each value is the midpoint of one of ``count`` equal parts of the decade.
+    """
+    edges = np.linspace(0.1, 1.0, count + 1)
+    return 10.0 ** (1 - level) * (edges[:-1] + edges[1:]) / 2
+
+
+@functools.cache
+def code_map(signed: bool) -> np.ndarray:
+    """The 256 values a code stands for, sorted, in float64.
+
+    Unsigned: 1, runs of 128, 64, ..., 2 values over the decades 1..7 below
+    1, and one value in decade 8 — but no 0: a second moment rounded to 0
+    would turn a small first moment into a step of ``m / eps`` (the
+    zero-point problem of Li et al., 2023); the smallest code rounds it up
+    instead, which only shortens such a step. An all-zero block is still
+    exact (its scale is 0). Signed: 0, ±1, and for each sign runs of 64, 32,
+    ..., 2 values over decades 1..6, plus one positive value in decade 7.
+    """
+    if signed:
+        runs = [_decade(2 ** (7 - level), level) for level in range(1, DECADES)]
+        positive = np.concatenate([[1.0], *runs, _decade(1, DECADES)])
+        negative = -np.concatenate([[1.0], *runs])
+        values = np.concatenate([negative, [0.0], positive])
+    else:
+        runs = [_decade(2 ** (8 - level), level) for level in range(1, DECADES + 1)]
+        values = np.concatenate([[1.0], *runs, _decade(1, DECADES + 1)])
+    values = np.sort(values)
+    assert values.size == CODES and np.all(np.diff(values) > 0)
+    return values
+
+
+@functools.cache
+def _tables(signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The code map in float32 and the midpoints between neighbours (the decision points)."""
+    values = code_map(signed)
+    return values.astype(np.float32), ((values[:-1] + values[1:]) / 2).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blockwise8:
+    """State storage format: 8-bit codes with one float32 scale per block of the last axis.
+
+    Pass it where a state dtype goes (``mu_dtype=``, ``nu_dtype=``): first
+    moments use the signed code map, second moments the unsigned one. A
+    stored moment costs ``1 + 4 / block_size`` bytes per parameter.
+
+    Args:
+      block_size: elements per scale along the last axis (≥ 16). Smaller
+        blocks follow local magnitudes more closely and cost more scales.
+    """
+
+    block_size: int = 256
+
+    def __post_init__(self):
+        if not isinstance(self.block_size, int) or self.block_size < 16:
+            raise ValueError(
+                f"Blockwise8: `block_size` must be an int >= 16, got {self.block_size!r}."
+            )
+
+
+class Quantized(NamedTuple):
+    """A state array in :class:`Blockwise8` storage.
+
+    Attributes:
+      codes: one 8-bit code per entry, in the array's shape: ``int8`` for the
+        signed code map, ``uint8`` for the unsigned one.
+      scale: float32, shape ``shape[:-1] + (blocks,)`` (``(1,)`` for a
+        scalar): the last axis is cut into ``blocks`` runs of equal length
+        (the last run shorter), each with its own scale.
+
+    Everything else (which code map, the run length) follows from those
+    dtypes and shapes, so the state is a plain pytree of two arrays that
+    every JAX, Optax, Flax and Orbax utility handles.
+    """
+
+    codes: Any
+    scale: Any
+
+    @property
+    def signed(self) -> bool:
+        return jnp.dtype(self.codes.dtype) == jnp.int8
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    @property
+    def block_size(self) -> int:
+        return _run_length(self.shape, self.scale.shape[-1])
+
+
+def _blocks(shape: tuple[int, ...], block_size: int) -> int:
+    """How many scales the last axis gets: enough for runs of at most ``block_size``."""
+    n = shape[-1] if shape else 1
+    return max(1, math.ceil(n / block_size))
+
+
+def _run_length(shape: tuple[int, ...], blocks: int) -> int:
+    """The length of each run when the last axis is cut into ``blocks`` runs."""
+    n = shape[-1] if shape else 1
+    return max(1, math.ceil(n / blocks))
+
+
+def _blocked(x: Array, blocks: int) -> tuple[Array, int]:
+    """``x`` reshaped to ``(..., blocks, run)``, the last axis zero-padded; and the pad."""
+    x = jnp.atleast_1d(x)
+    run = _run_length(x.shape, blocks)
+    pad = blocks * run - x.shape[-1]
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    return x.reshape(*x.shape[:-1], blocks, run), pad
+
+
+def _encode(x: Array, signed: bool, blocks: int) -> Quantized:
+    _, mids = _tables(signed)
+    shape = jnp.shape(x)
+    xb, pad = _blocked(jnp.asarray(x, jnp.float32), blocks)
+    scale = jnp.max(jnp.abs(xb), axis=-1)
+    safe = jnp.where(scale > 0, scale, 1.0)
+    normal = xb / safe[..., None]
+    index = jnp.searchsorted(jnp.asarray(mids), normal, side="left", method="scan")
+    index = jnp.where(jnp.isfinite(scale)[..., None], index, 0)
+    codes = (index - 128).astype(jnp.int8) if signed else index.astype(jnp.uint8)
+    codes = codes.reshape(*codes.shape[:-2], -1)
+    if pad:
+        codes = codes[..., : codes.shape[-1] - pad]
+    return Quantized(codes.reshape(shape), scale)
+
+
+def encode(x: Array, fmt: Blockwise8, signed: bool) -> Quantized:
+    """``x`` (any float dtype) in block-wise 8-bit storage, each entry rounded to the nearest code.
+
+    The last axis is cut into ``ceil(n / block_size)`` runs of equal length.
+    A block whose entries are all zero gets scale 0. A non-finite entry makes
+    its block's scale non-finite, and the whole block decodes to non-finite
+    values (a NaN stays visible; it is never rounded to a finite code).
+    """
+    return _encode(x, signed, _blocks(tuple(jnp.shape(x)), fmt.block_size))
+
+
+def decode(q: Quantized) -> Array:
+    """The float32 array ``q`` stands for: ``code_map[codes] * scale`` per block."""
+    values, _ = _tables(q.signed)
+    index = q.codes.astype(jnp.int32) + (128 if q.signed else 0)
+    xb, pad = _blocked(jnp.asarray(values)[index], q.scale.shape[-1])
+    out = (xb * q.scale[..., None]).reshape(*xb.shape[:-2], -1)
+    if pad:
+        out = out[..., : out.shape[-1] - pad]
+    return out.reshape(q.shape)
+
+
+def decoded(tree: Any) -> Any:
+    """``tree`` with every stored state array replaced by its float32 values."""
+    return jax.tree.map(
+        lambda x: decode(as_stored(x)) if is_stored(x) else x, tree, is_leaf=is_stored
+    )
+
+
+def reencode(x: Array, like: Quantized) -> Quantized:
+    """``x`` encoded with the code map and blocks of ``like``."""
+    return _encode(x, like.signed, like.scale.shape[-1])
+
+
+def zeros(x: Any, fmt: Blockwise8, signed: bool) -> Quantized:
+    """Storage of zeros shaped like ``x`` (an array or ``ShapeDtypeStruct``), sharded like it."""
+    return encode(moments.zeros_like(x, jnp.float32), fmt, signed)
+
+
+def full(x: Any, value: Any, fmt: Blockwise8, signed: bool) -> Quantized:
+    """Storage of ``value`` everywhere, shaped and sharded like ``x`` (exact: code ±1, scale |value|)."""
+    return encode(moments.full_like(x, value, jnp.float32), fmt, signed)
+
+
+def state_like(
+    params: Any, dtype: Any, *, signed: bool, name: str, where: str, value: Any = None
+) -> Any:
+    """One state buffer per parameter: zeros (or ``value``) in ``dtype`` or a storage format.
+
+    ``dtype`` is a dtype as Optax takes it (``None``: the parameter's own;
+    real buffers for complex parameters unless ``signed``), or a format such
+    as :class:`Blockwise8`, which stores real state only and so refuses
+    complex parameters, naming the argument.
+    """
+    if not is_format(dtype):
+        if value is None:
+            return moments.tree_zeros_like(params, dtype, real=not signed)
+        return moments.tree_full_like(params, value, dtype, real=not signed)
+
+    def stored(p):
+        if jnp.issubdtype(moments.leaf_dtype(p), jnp.complexfloating):
+            raise ValueError(
+                f"{where}: `{name}`={dtype} stores real state; a parameter is complex."
+            )
+        return zeros(p, dtype, signed) if value is None else full(p, value, dtype, signed)
+
+    return jax.tree.map(stored, params)
+
+
+def check_state_dtype(name: str, dtype: Any, where: str) -> None:
+    """``dtype`` must be ``None``, a floating dtype, or a storage format."""
+    if not is_format(dtype):
+        validation.check_dtype(name, dtype, where)
+
+
+def stored_shardings(q: Quantized, sharding: jax.sharding.Sharding) -> Quantized:
+    """The shardings of ``q``'s arrays when the array it stores has ``sharding``.
+
+    The codes take that sharding. The scales take it too along the leading
+    axes; along the last axis they are split the same way when each device's
+    share of that axis is a whole number of blocks, and replicated otherwise
+    (the step is then still correct, but a block spans devices).
+    """
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not q.shape:
+        scale = sharding
+    else:
+        spec = list(sharding.spec) + [None] * (len(q.shape) - len(sharding.spec))
+        last = spec[-1]
+        names = () if last is None else (last,) if isinstance(last, str) else tuple(last)
+        devices = math.prod(sharding.mesh.shape[n] for n in names)
+        n = q.shape[-1]
+        if devices > 1 and (n % devices or (n // devices) % q.block_size):
+            spec[-1] = None  # blocks would straddle devices
+        scale = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    return Quantized(sharding, scale)
+
+
+def as_stored(x: Any) -> Quantized | None:
+    """``x`` as :class:`Quantized` if it is one state array in storage, else ``None``.
+
+    Containers that rebuild pytrees as mappings (Flax NNX's ``State`` does
+    that with the nodes inside an ``nnx.Optimizer``'s state) turn the
+    NamedTuple into a mapping with the keys ``codes`` and ``scale``; that is
+    recognised by its keys and dtypes.
+    """
+    if isinstance(x, Quantized):
+        return x
+    if isinstance(x, Mapping) and set(x.keys()) == {"codes", "scale"}:
+        codes, scale = x["codes"], x["scale"]
+        if (
+            getattr(codes, "dtype", None) in (jnp.int8, jnp.uint8)
+            and getattr(scale, "dtype", None) == jnp.float32
+        ):
+            return Quantized(codes, scale)
+    return None
+
+
+def is_stored(x: Any) -> bool:
+    """Whether ``x`` is one state array in a storage format (a node that stands for one leaf)."""
+    return as_stored(x) is not None
+
+
+def like(q: Quantized, container: Any) -> Any:
+    """``q`` in the container type ``container`` came in (see :func:`as_stored`)."""
+    if isinstance(container, Quantized):
+        return q
+    return jax.tree.unflatten(jax.tree.structure(container), [q.codes, q.scale])
+
+
+def is_format(dtype: Any) -> bool:
+    """Whether a state-dtype argument names a storage format rather than a dtype."""
+    return isinstance(dtype, Blockwise8)

@@ -109,11 +109,13 @@ def test_memory_accuracy_smoke(tmp_path):
     )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    configs = ["adam fp32", "adam 8bit", "bf16 kahan"]
     results = mod.main(
-        ["--data", "digits", "--seeds", "1", "--epochs", "2", "--out", str(tmp_path)]
-    )
+        ["--data", "digits", "--seeds", "1", "--epochs", "2", "--out", str(tmp_path),
+         "--configs", *configs]
+    )  # fmt: skip
     by = {r["config"]: r for r in results}
-    assert set(by) == set(mod.CONFIGS)
+    assert set(by) == set(configs) and set(configs) <= set(mod.CONFIGS)
     for r in results:
         assert np.isfinite(r["test_nll"]) and np.isfinite(r["train_nll"]), r
         assert 0 <= r["frozen_late"] <= 1

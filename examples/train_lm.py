@@ -12,8 +12,9 @@ Each optimizer trains the same model from the same initialisation on the same
 batches. Training is data-parallel over ``--devices`` devices (one ``"data"``
 mesh axis, the batch split over it, parameters replicated) with the optimizer
 state sharded ZeRO-style: every state array that mirrors a parameter is split
-over the data axis (:func:`bayesopt_jax.state_shardings` says which arrays
-those are). Orbax checkpoints are written every ``--checkpoint-every`` steps
+over the data axis along its first dimension the device count divides
+(``bayesopt_jax.state_shardings(..., split_over="data")``; 8-bit states only
+where every block stays on one device). Orbax checkpoints are written every ``--checkpoint-every`` steps
 and ``--resume`` continues from the last one, bit for bit.
 
     python examples/train_lm.py                                   # ~6 min on 2 CPU cores
@@ -245,42 +246,6 @@ def make_optimizer(name: str, args, num_data: int, tokens_per_step: int):
     raise ValueError(f"--optimizers: unknown name {name!r}; choose from {', '.join(OPTIMIZERS)}")
 
 
-def zero_shardings(tx, abstract_params, mesh) -> object:
-    """ZeRO-style state shardings: what mirrors a parameter is also split over ``"data"``.
-
-    :func:`bayesopt_jax.state_shardings` gives each state array the sharding
-    of the parameter it mirrors (replicated here) and replicates the rest
-    (counters, keys); ``optax.tree_map_params`` tells the two kinds apart.
-    Each mirroring array is then split over the data axis along its first
-    dimension that is not sharded yet and that the axis size divides; arrays
-    with no such dimension stay as they are.
-    """
-    n = mesh.shape["data"]
-    base = bj.state_shardings(tx, abstract_params)
-    abstract_state = jax.eval_shape(tx.init, abstract_params)
-    mirrors = optax.tree_map_params(
-        tx, lambda _: True, abstract_state, transform_non_params=lambda _: False
-    )
-
-    def split(leaf, sharding, mirror):
-        if not mirror:
-            return sharding
-        spec = list(sharding.spec) + [None] * (leaf.ndim - len(sharding.spec))
-        for axis, size in enumerate(leaf.shape):
-            if spec[axis] is None and size % n == 0 and size >= n:
-                spec[axis] = "data"
-                return NamedSharding(mesh, P(*spec))
-        return sharding
-
-    return jax.tree.map(
-        split,
-        abstract_state,
-        base,
-        mirrors,
-        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
-    )
-
-
 # --------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------
@@ -331,7 +296,7 @@ class Trainer:
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated), params0
         )
         self.param_shardings = jax.tree.map(lambda a: a.sharding, abstract)
-        self.state_shardings = zero_shardings(self.tx, abstract, mesh)
+        self.state_shardings = bj.state_shardings(self.tx, abstract, split_over="data")
         self.abstract_params = abstract
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -260,6 +260,30 @@ def test_state_shardings_names_the_unsharded_leaf():
         bj.state_shardings(bj.adam(1e-3), {"a": jnp.ones(2), "b": np.ones(2)})
 
 
+def test_split_over_is_checked_and_leaves_keys_replicated():
+    mesh = mesh_4x2()
+    rep = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NamedSharding(mesh, P()))}
+    with pytest.raises(ValueError, match="`split_over`='rows'"):
+        bj.state_shardings(bj.adam(1e-3), rep, split_over="rows")
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with pytest.raises(ValueError, match=r"`split_over`='data'.*NamedSharding"):
+        bj.state_shardings(
+            bj.adam(1e-3),
+            {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=one)},
+            split_over="data",
+        )
+    # The variational filter's 2-word key and its counters mirror no
+    # parameter: they stay replicated, although "model" (2) divides the key.
+    tx = bj.variational_sigma_filter(1e-2, num_data=100, batch_size=10)
+    state = bj.state_shardings(tx, rep, split_over="model")[0]
+    assert state.key.is_fully_replicated and state.count.is_fully_replicated
+    assert state.mu["w"].is_equivalent_to(NamedSharding(mesh, P("model")), 2)
+    # A tuple of axes splits over all of them at once (8 devices, 8 rows).
+    state = bj.state_shardings(tx, rep, split_over=("data", "model"))[0]
+    for buffer in (state.mu, state.nu, state.sigma):
+        assert buffer["w"].is_equivalent_to(NamedSharding(mesh, P(("data", "model"))), 2)
+
+
 @pytest.mark.parametrize("name", ["adam", "amsgrad", "sigma_filter_momentum", "rmsprop"])
 def test_zero_style_state_sharded_over_data_axis(x64, rng, name):
     """Parameters sharded over ``model`` only, state split over ``data`` as well."""
@@ -272,21 +296,22 @@ def test_zero_style_state_sharded_over_data_axis(x64, rng, name):
     p_shard = {k: NamedSharding(mesh, v) for k, v in param_specs.items()}
     p = {k: jax.device_put(v, p_shard[k]) for k, v in params.items()}
     abstract_p = abstract_of(p)
-    abstract_s = jax.eval_shape(tx.init, abstract_p)
-
-    def zero(sharding, leaf):
-        # Split the first unsharded dimension of each buffer over "data" when it divides.
-        spec = list(sharding.spec) + [None] * (leaf.ndim - len(sharding.spec))
-        if leaf.ndim and spec[0] is None and leaf.shape[0] % mesh.shape["data"] == 0:
-            spec[0] = "data"
-        return NamedSharding(mesh, P(*spec))
-
-    s_shard = jax.tree.map(
-        zero,
-        bj.state_shardings(tx, abstract_p),
-        abstract_s,
-        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+    s_shard = bj.state_shardings(tx, abstract_p, split_over="data")
+    # ZeRO layout: w's state rows split over "data" (8 / 4); b is already
+    # sharded along its one axis and s is a scalar, so they keep their
+    # parameter's sharding; counters stay replicated.
+    want_specs = {"w": P("data", "model"), "b": P("model"), "s": P()}
+    mirrors = optax.tree_map_params(
+        tx,
+        lambda _: True,
+        jax.eval_shape(tx.init, abstract_p),
+        transform_non_params=lambda _: False,
     )
+    flat = jax.tree.leaves(s_shard, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(mirrors)]
+    for path, mirror, sharding in zip(paths, jax.tree.leaves(mirrors), flat, strict=True):
+        want_spec = want_specs[path.split("'")[1]] if mirror else P()
+        assert sharding.is_equivalent_to(NamedSharding(mesh, want_spec), 2), (path, sharding)
     batch = NamedSharding(mesh, P("data"))
 
     @functools.partial(jax.jit, out_shardings=(p_shard, s_shard), donate_argnums=(0, 1))

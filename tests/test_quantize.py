@@ -314,31 +314,37 @@ def test_stored_state_with_optax_wrappers():
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
-def test_stored_state_sharded_like_the_parameters():
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
+def _mesh_4x2():
+    return jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
 
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
-    params, grads = _problem()
-    spec = {"w": P("a", "b"), "b": P("b")}
-    put = lambda tree: {k: jax.device_put(v, NamedSharding(mesh, spec[k])) for k, v in tree.items()}  # noqa: E731
-    sharded = put(params)
-    fmt = quantize.Blockwise8(32)
-    tx = bj.scale_by_adam(mu_dtype=fmt, nu_dtype=fmt)
-    shardings = bj.state_shardings(tx, sharded)
-    # Codes follow the parameter; the scales too, wherever a device's share
-    # of the last axis is whole blocks (64 / 2 = 32 = one block here).
-    state = jax.jit(tx.init, out_shardings=shardings)(sharded)
-    assert state.mu["w"].codes.sharding.spec == P("a", "b")
-    assert state.mu["w"].scale.sharding.spec == P("a", "b")
-    # Three steps on one device, then one step each way from that state.
+
+def _assert_blocks_whole(state):
+    """Every device holds whole blocks: its slice of the codes is exactly its scales' blocks."""
+    stored = [
+        x for x in jax.tree.leaves(state, is_leaf=quantize.is_stored) if quantize.is_stored(x)
+    ]
+    assert stored
+    for q in (q for q in stored if q.shape):  # a scalar is one block on every device
+        n, run = q.shape[-1], q.block_size
+        codes = q.codes.sharding.devices_indices_map(q.shape)
+        scale = q.scale.sharding.devices_indices_map(q.scale.shape)
+        for device, index in codes.items():
+            lead, last = index[:-1], index[-1].indices(n)
+            s_lead, s_last = scale[device][:-1], scale[device][-1].indices(q.scale.shape[-1])
+            assert [x.indices(k) for x, k in zip(lead, q.shape, strict=False)] == [
+                x.indices(k) for x, k in zip(s_lead, q.scale.shape, strict=False)
+            ]
+            assert last[0] == s_last[0] * run and last[1] == min(s_last[1] * run, n), (q, device)
+
+
+def _sharded_step_matches_one_device(tx, params, grads, put, shardings):
+    """Three steps on one device, then one step each way from that state: same rule, same codes."""
     _, before = _run(tx, params, grads[:3])
-    update = jax.jit(tx.update)
-    u1, s1 = update(grads[3], before)
+    u1, s1 = jax.jit(tx.update)(grads[3], before)
     u8, s8 = jax.jit(tx.update, out_shardings=(None, shardings))(
         put(grads[3]), jax.device_put(before, shardings)
     )
-    assert s8.nu["w"].codes.sharding.spec == P("a", "b")
+    _assert_blocks_whole(s8)
     # Same rule, possibly other contractions: the Adam bound (16u of the
     # terms), and the same codes away from decision points.
     for k in params:
@@ -350,9 +356,70 @@ def test_stored_state_sharded_like_the_parameters():
         v0 = np.asarray(quantize.decode(before.nu[k]), np.float64)
         _, m_ref, v_ref = _adam_reference_step(grads[3][k], m0, v0, 4)
         for a, b, ref in [(s1.mu[k], s8.mu[k], m_ref), (s1.nu[k], s8.nu[k], v_ref)]:
-            _, _, _, to_mid, _ = _reference(ref.astype(np.float32), 32, a.signed)
+            ref = np.atleast_1d(ref.astype(np.float32))
+            _, _, _, to_mid, _ = _reference(ref, a.block_size, a.signed)
             clear = to_mid > 64 * U  # each path within ~8u of the float64 value
-            np.testing.assert_array_equal(_index(a)[clear], _index(b)[clear])
+            index_a, index_b = np.atleast_1d(_index(a)), np.atleast_1d(_index(b))
+            np.testing.assert_array_equal(index_a[clear], index_b[clear])
+
+
+def _put(mesh, spec):
+    from jax.sharding import NamedSharding
+
+    return lambda tree: {
+        k: jax.device_put(v, NamedSharding(mesh, spec[k])) for k, v in tree.items()
+    }
+
+
+def test_stored_state_sharded_like_the_parameters():
+    from jax.sharding import PartitionSpec as P
+
+    mesh = _mesh_4x2()
+    params, grads = _problem()
+    put = _put(mesh, {"w": P("a", "b"), "b": P("b")})
+    sharded = put(params)
+    fmt = quantize.Blockwise8(32)
+    tx = bj.scale_by_adam(mu_dtype=fmt, nu_dtype=fmt)
+    shardings = bj.state_shardings(tx, sharded)
+    # Codes follow the parameter; the scales too, wherever a device's share
+    # of the last axis is whole blocks (64 / 2 = 32 = one block here).
+    state = jax.jit(tx.init, out_shardings=shardings)(sharded)
+    assert state.mu["w"].codes.sharding.spec == P("a", "b")
+    assert state.mu["w"].scale.sharding.spec == P("a", "b")
+    _assert_blocks_whole(state)
+    _sharded_step_matches_one_device(tx, params, grads, put, shardings)
+
+
+def test_zero_split_of_stored_state_keeps_blocks_whole():
+    """``split_over``: state split over a data axis the parameters are replicated on."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = _mesh_4x2()
+    params, grads = _problem()
+    params["c"], params["s"] = jnp.ones(40), jnp.ones(())
+    grads = [dict(g, c=g["b"][:40] * 2, s=g["b"][0]) for g in grads]
+    put = _put(mesh, {"w": P(None, "b"), "b": P(), "c": P(), "s": P()})
+    fmt = quantize.Blockwise8(16)
+    tx = bj.scale_by_adam(mu_dtype=fmt, nu_dtype=fmt)
+    shardings = bj.state_shardings(tx, put(params), split_over="a")
+    specs = {k: (q.codes.spec, q.scale.spec) for k, q in shardings.mu.items()}
+    # w: rows split over "a" (16 / 4), both arrays; b: 64 / 4 = 16 = one
+    # block per device, split along its only axis; c: 40 / 4 = 10 is not
+    # whole blocks, so it is not split (a block would straddle devices).
+    assert specs["w"] == (P("a", "b"), P("a", "b"))
+    assert specs["b"] == (P("a"), P("a"))
+    assert not any("a" in str(spec) for spec in specs["c"] + specs["s"])
+    state = jax.jit(tx.init, out_shardings=shardings)(put(params))
+    _assert_blocks_whole(state)
+    _sharded_step_matches_one_device(tx, params, grads, put, shardings)
+    # Without the block rule, a leaf-by-leaf split puts c's codes in shares
+    # of 10 while its 3 scales (runs of 14) cannot follow: the check sees it.
+    straddling = quantize.Quantized(
+        jax.device_put(state.mu["c"].codes, jax.sharding.NamedSharding(mesh, P("a"))),
+        state.mu["c"].scale,
+    )
+    with pytest.raises(AssertionError):
+        _assert_blocks_whole([straddling])
 
 
 def _memory_chains():

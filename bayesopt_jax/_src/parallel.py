@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 from typing import Any
 
@@ -72,7 +73,12 @@ def _replicated_like(shardings: list[jax.sharding.Sharding]) -> jax.sharding.Sha
     return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
-def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
+def state_shardings(
+    tx: optax.GradientTransformation,
+    params: Any,
+    *,
+    split_over: str | tuple[str, ...] | None = None,
+) -> Any:
     """The sharding of every leaf of ``tx.init(params)``, computed without allocating it.
 
     State leaves that mirror a parameter (moments, maxima, σ) get that
@@ -82,14 +88,25 @@ def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
     ``jax.jit(step, out_shardings=...)`` expect, and what the library's own
     ``init`` produces under ``jit`` for sharded parameters.
 
-    To shard the state further than the parameters (ZeRO-style: state split
-    over the data axis while parameters are replicated), map over this tree
-    and the abstract state from ``jax.eval_shape(tx.init, params)``.
+    With ``split_over``, the state is sharded further than the parameters
+    (ZeRO stage 1, Rajbhandari et al., 2020: optimizer state split over the
+    data axis while the parameters are replicated there). Each array that
+    mirrors a parameter is also split over that mesh axis along its first
+    dimension that is not sharded yet and whose length the axis size
+    divides; arrays with no such dimension keep the parameter's sharding. A
+    block-wise 8-bit array (:class:`bayesopt_jax.Blockwise8`) is split only
+    where every block stays whole on one device: along a leading axis, or
+    along its last axis when each device's share is a whole number of
+    blocks. The update is elementwise, so XLA computes each state shard where
+    it lives and gathers only the updates.
 
     Args:
       tx: any ``optax.GradientTransformation`` (chains and wrappers included).
       params: the parameters, as ``jax.Array`` leaves or
         ``jax.ShapeDtypeStruct`` leaves with a ``sharding``.
+      split_over: a mesh axis name (or a tuple of names) of the parameters'
+        ``NamedSharding`` mesh to split the mirroring state arrays over;
+        ``None`` (default) gives them the parameters' shardings exactly.
 
     Returns:
       A pytree of ``jax.sharding.Sharding`` with the structure of the state.
@@ -104,12 +121,18 @@ def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
       >>> s = bj.state_shardings(bj.adam(1e-3), p)
       >>> s[0].mu["w"].spec, s[0].count.spec
       (P('data',), P())
+      >>> q = {"w": jax.ShapeDtypeStruct((4, 2), jnp.float32,
+      ...                                sharding=NamedSharding(mesh, P()))}
+      >>> bj.state_shardings(bj.adam(1e-3), q, split_over="data")[0].nu["w"].spec
+      PartitionSpec('data', None)
     """
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     shardings = [_sharding_of(x, jax.tree_util.keystr(k)) for k, x in leaves_with_path]
     param_shardings = jax.tree.unflatten(treedef, shardings)
     replicated = _replicated_like(shardings)
     abstract = jax.eval_shape(tx.init, params)
+
+    split = None if split_over is None else _split_axis(split_over, shardings)
 
     def mirror(leaf, sharding):
         if isinstance(
@@ -118,7 +141,12 @@ def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
             return leaf
         stored = quantize.as_stored(leaf)
         if stored is not None:
-            return quantize.like(quantize.stored_shardings(stored, sharding), leaf)
+            out = quantize.stored_shardings(stored, sharding)
+            if split is not None:
+                out = _split_stored(stored, out, *split)
+            return quantize.like(out, leaf)
+        if split is not None:
+            return _split(leaf.shape, sharding, *split)
         return sharding
 
     return optax.tree_map_params(
@@ -130,4 +158,74 @@ def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
         is_leaf=lambda x: (
             isinstance(x, jax.sharding.Sharding | optax.MaskedNode) or quantize.is_stored(x)
         ),
+    )
+
+
+def _split_axis(
+    split_over: str | tuple[str, ...], shardings: list[jax.sharding.Sharding]
+) -> tuple[tuple[str, ...], int]:
+    """``split_over`` as a tuple of mesh axis names, and the number of devices along them."""
+    names = (split_over,) if isinstance(split_over, str) else tuple(split_over)
+    meshes = {s.mesh for s in shardings if isinstance(s, jax.sharding.NamedSharding)}
+    if len(meshes) != 1 or not all(isinstance(s, jax.sharding.NamedSharding) for s in shardings):
+        raise ValueError(
+            f"state_shardings: `split_over`={split_over!r} needs every parameter to have a "
+            "NamedSharding over one mesh."
+        )
+    (mesh,) = meshes
+    if not names or any(n not in mesh.shape for n in names):
+        raise ValueError(
+            f"state_shardings: `split_over`={split_over!r} names no axis of the parameters' "
+            f"mesh {dict(mesh.shape)}."
+        )
+    return names, math.prod(mesh.shape[n] for n in names)
+
+
+def _padded_spec(sharding: jax.sharding.NamedSharding, ndim: int) -> list[Any]:
+    return list(sharding.spec) + [None] * (ndim - len(sharding.spec))
+
+
+def _free_axis(
+    shape: tuple[int, ...], spec: list[Any], axes: Any, names: tuple[str, ...], devices: int
+) -> int | None:
+    """The first of ``axes`` not sharded yet whose length ``devices`` divides (None if none,
+    or if the array is already sharded over ``names``)."""
+    used = {n for e in spec if e is not None for n in ((e,) if isinstance(e, str) else e)}
+    if used & set(names):
+        return None
+    return next((a for a in axes if spec[a] is None and shape[a] % devices == 0), None)
+
+
+def _with(sharding: jax.sharding.NamedSharding, spec: list[Any], axis: int, names: tuple[str, ...]):
+    spec = list(spec)
+    spec[axis] = names[0] if len(names) == 1 else names
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _split(
+    shape: tuple[int, ...], sharding: jax.sharding.Sharding, names: tuple[str, ...], devices: int
+) -> jax.sharding.Sharding:
+    """``sharding``, also split over ``names`` along the first free dimension they divide."""
+    spec = _padded_spec(sharding, len(shape))
+    axis = _free_axis(shape, spec, range(len(shape)), names, devices)
+    return sharding if axis is None else _with(sharding, spec, axis, names)
+
+
+def _split_stored(
+    q: quantize.Quantized, shardings: quantize.Quantized, names: tuple[str, ...], devices: int
+) -> quantize.Quantized:
+    """Codes and scales of ``q`` split along the same axis, every block whole on one device."""
+    shape = q.shape
+    if not shape:
+        return shardings
+    codes_spec = _padded_spec(shardings.codes, len(shape))
+    whole_blocks = shape[-1] % devices == 0 and (shape[-1] // devices) % q.block_size == 0
+    axes = range(len(shape) if whole_blocks else len(shape) - 1)
+    axis = _free_axis(shape, codes_spec, axes, names, devices)
+    if axis is None:
+        return shardings
+    scale_spec = _padded_spec(shardings.scale, len(shape))
+    return quantize.Quantized(
+        _with(shardings.codes, codes_spec, axis, names),
+        _with(shardings.scale, scale_spec, axis, names),
     )

@@ -124,7 +124,7 @@ def state_shardings(
       >>> q = {"w": jax.ShapeDtypeStruct((4, 2), jnp.float32,
       ...                                sharding=NamedSharding(mesh, P()))}
       >>> bj.state_shardings(bj.adam(1e-3), q, split_over="data")[0].nu["w"].spec
-      PartitionSpec('data', None)
+      P('data', None)
     """
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     shardings = [_sharding_of(x, jax.tree_util.keystr(k)) for k, x in leaves_with_path]

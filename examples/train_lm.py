@@ -74,7 +74,14 @@ OPTIMIZERS = (
     "sigma_fixed_point",
     "variational_sigma_filter",
 )
-EIGHT_BIT = ("adamw", "adam", "amsgrad", "sigma_filter", "sigma_fixed_point")
+EIGHT_BIT = (
+    "adamw",
+    "adam",
+    "amsgrad",
+    "sigma_filter",
+    "sigma_fixed_point",
+    "variational_sigma_filter",
+)
 DEFAULT_OPTIMIZERS = ("adamw", "sigma_filter", "variational_sigma_filter")
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
 
@@ -220,7 +227,7 @@ def make_optimizer(name: str, args, num_data: int, tokens_per_step: int):
             raise ValueError(f"--state-dtype 8bit: supported by {', '.join(EIGHT_BIT)}, not {name}")
         fmt = bj.Blockwise8()
         st = dict(mu_dtype=fmt, nu_dtype=fmt)
-        if name.startswith("sigma"):
+        if "sigma" in name:
             st["sigma_dtype"] = fmt
     if name == "adamw":
         return optax.chain(clip, bj.adamw(lr, b2=args.b2, **wd, **st))
@@ -239,7 +246,7 @@ def make_optimizer(name: str, args, num_data: int, tokens_per_step: int):
         return optax.chain(
             clip,
             bj.variational_sigma_filter(
-                args.lr, num_data, tokens_per_step, key=args.seed, beta=args.b2
+                args.lr, num_data, tokens_per_step, key=args.seed, beta=args.b2, **st
             ),
             after,
         )

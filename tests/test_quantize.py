@@ -213,6 +213,51 @@ def test_sigma_filter_on_stored_state_is_the_rule_on_decoded_state():
     )
 
 
+@pytest.mark.parametrize("curvature", ["evidence", "reparam"])
+def test_variational_filter_on_stored_state_is_its_rule_on_decoded_state(curvature):
+    """The variational σ-filter with m, s, σ in 8 bits: every step, draw and
+    variance is the float32 filter's on the decoded buffers."""
+    from bayesopt_jax._src import variational
+
+    fmt = quantize.Blockwise8(32)
+    kw = dict(num_data=1000, batch_size=10, key=3, curvature=curvature, max_ratio=2.0)
+    tx8 = bj.scale_by_variational_sigma_filter(
+        1e-2, mu_dtype=fmt, nu_dtype=fmt, sigma_dtype=fmt, **kw
+    )
+    tx32 = bj.scale_by_variational_sigma_filter(1e-2, **kw)
+    params, grads = _problem()
+    state = tx8.init(params)
+    assert all(quantize.is_stored(x) for x in (state.mu["w"], state.nu["w"], state.sigma["w"]))
+    for g in grads:
+        # Both run the same float32 operations, op by op, on the same values
+        # (the decoded buffers), so they agree bit for bit on any host.
+        plain = variational.decoded_state(state)
+        for a, b in [
+            (bj.training_sample(params, state), bj.training_sample(params, plain)),
+            (bj.posterior_variance(state), bj.posterior_variance(plain)),
+        ]:
+            _same(a, b)
+        u8, state = tx8.update(g, state)
+        u32, new32 = tx32.update(g, plain)
+        _same(u8, u32)
+        # The new buffers are the float32 filter's, encoded.
+        for stored, want in [
+            (state.mu, new32.mu),
+            (state.nu, new32.nu),
+            (state.sigma, new32.sigma),
+        ]:
+            for k in params:
+                np.testing.assert_array_equal(
+                    _index(stored[k]), _index(quantize.reencode(want[k], stored[k]))
+                )
+        if curvature == "reparam":
+            _same(state.hess, new32.hess)
+    # m, s, σ in 8 bits (+ the reparam buffer in float32): bytes per parameter.
+    n = sum(p.size for p in jax.tree.leaves(params))
+    per_param = sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim) / n
+    assert per_param <= 3 * (1 + 4 / 32) + (4 if curvature == "reparam" else 0) + 0.01
+
+
 def test_two_moments_cost_about_two_bytes_per_parameter():
     params = {"w": jnp.zeros((1024, 1024)), "b": jnp.zeros(1024)}
     fmt = quantize.Blockwise8(256)
@@ -435,6 +480,9 @@ def _memory_chains():
         "adam_8bit_stochastic": optax.chain(
             bj.adam(1e-2, mu_dtype=fmt, nu_dtype=fmt), bj.stochastic_rounding(5)
         ),
+        "variational_8bit": bj.variational_sigma_filter(
+            1e-2, 1000, 10, mu_dtype=fmt, nu_dtype=fmt, sigma_dtype=fmt
+        ),
     }
 
 
@@ -465,7 +513,7 @@ def test_orbax_resume_of_stored_state_is_bit_exact(tmp_path, name):
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
-@pytest.mark.parametrize("name", ["adamw_8bit", "sigma_filter_8bit"])
+@pytest.mark.parametrize("name", ["adamw_8bit", "sigma_filter_8bit", "variational_8bit"])
 def test_pmap_replicas_of_stored_state_stay_bit_identical(name):
     tx = _memory_chains()[name]
     params, grads = _problem()

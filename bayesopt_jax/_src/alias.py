@@ -468,6 +468,9 @@ def variational_sigma_filter(
     eps: float | jax.Array = sigma_lib.DEFAULT_EPS,
     sigma_max: float | jax.Array | None = None,
     max_ratio: float | jax.Array | None = 2.0,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    sigma_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""The σ-filter as variational training: gradients at posterior draws, a posterior to average over.
 
@@ -504,6 +507,9 @@ def variational_sigma_filter(
       eps: evidence floor.
       sigma_max: optional cap on σ.
       max_ratio: cap σ ≤ κ·σ*(ŝ) (default 2).
+      mu_dtype: storage of ``m`` (a dtype or :class:`~bayesopt_jax.Blockwise8`).
+      nu_dtype: storage of the evidence ``s``, likewise.
+      sigma_dtype: storage of σ, likewise.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -537,6 +543,9 @@ def variational_sigma_filter(
             eps=eps,
             sigma_max=sigma_max,
             max_ratio=max_ratio,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+            sigma_dtype=sigma_dtype,
         ),
         optax.scale(-1.0),
     )

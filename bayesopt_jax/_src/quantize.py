@@ -209,6 +209,16 @@ def reencode(x: Array, like: Quantized) -> Quantized:
     return _encode(x, like.signed, like.scale.shape[-1])
 
 
+def encoded_like(tree: Any, stored: Any) -> Any:
+    """``tree`` (float32 values) stored as ``stored`` is: stored arrays re-encoded, the rest as is."""
+
+    def leaf(old, x):
+        q = as_stored(old)
+        return x if q is None else like(reencode(x, q), old)
+
+    return jax.tree.map(leaf, stored, tree, is_leaf=is_stored)
+
+
 def zeros(x: Any, fmt: Blockwise8, signed: bool) -> Quantized:
     """Storage of zeros shaped like ``x`` (an array or ``ShapeDtypeStruct``), sharded like it."""
     return encode(moments.zeros_like(x, jnp.float32), fmt, signed)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bayesopt_jax._src import moments, sigma, validation
+from bayesopt_jax._src import moments, quantize, sigma, validation
 
 Array = jax.Array
 PyTree = Any
@@ -64,6 +64,17 @@ def _is_masked(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
 
 
+def decoded_state(
+    state: ScaleByVariationalSigmaFilterState,
+) -> ScaleByVariationalSigmaFilterState:
+    """``state`` with its filter buffers in float32 where they are stored in 8 bits."""
+    return state._replace(
+        mu=quantize.decoded(state.mu),
+        nu=quantize.decoded(state.nu),
+        sigma=quantize.decoded(state.sigma),
+    )
+
+
 def _leaf_variance(nu, hess, state):
     """v = 1 / (N (h + δ)) for one leaf, in the leaf's compute dtype."""
     c = moments.real_dtype(moments.compute_dtype(nu.dtype))
@@ -77,6 +88,7 @@ def _leaf_variance(nu, hess, state):
 
 def variance_tree(state: ScaleByVariationalSigmaFilterState) -> PyTree:
     """The sampled variance v for every leaf (``MaskedNode`` where masked out)."""
+    state = decoded_state(state)
     hess = state.hess if state.hess is not None else jax.tree.map(lambda _: None, state.nu)
     return jax.tree.map(
         lambda n, h: n if _is_masked(n) else _leaf_variance(n, h, state),
@@ -92,7 +104,7 @@ def noise_tree(state: ScaleByVariationalSigmaFilterState) -> PyTree:
     Depends only on ``state.key`` and ``state.count``: the same state gives
     the same noise, on any device layout (JAX's threefry is partitionable).
     """
-    leaves, treedef = jax.tree.flatten(state.nu)
+    leaves, treedef = jax.tree.flatten(decoded_state(state).nu)
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
     keys = jax.random.split(key, max(len(leaves), 1))
     out = [
@@ -111,6 +123,7 @@ def perturb(params: PyTree, state: ScaleByVariationalSigmaFilterState) -> PyTree
         c = e.dtype
         return (jnp.asarray(p).astype(c) + jnp.sqrt(v) * e).astype(jnp.asarray(p).dtype)
 
+    state = decoded_state(state)  # once, for both trees below
     return jax.tree.map(leaf, variance_tree(state), noise_tree(state), params, is_leaf=_is_masked)
 
 
@@ -131,6 +144,9 @@ def scale_by_variational_sigma_filter(
     eps: float | Array = sigma.DEFAULT_EPS,
     sigma_max: float | Array | None = None,
     max_ratio: float | Array | None = None,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    sigma_dtype: Any = None,
 ) -> optax.GradientTransformation:
     r"""The σ-filter trained at draws from its data-set posterior (variational mode).
 
@@ -192,6 +208,13 @@ def scale_by_variational_sigma_filter(
       eps: evidence floor > 0.
       sigma_max: optional absolute cap on σ.
       max_ratio: optional cap σ ≤ κ·σ*(ŝ) (see :func:`scale_by_sigma_filter`).
+      mu_dtype: storage of ``m``: ``None`` (the parameter's dtype), a dtype,
+        or :class:`~bayesopt_jax.Blockwise8` (8-bit codes, one scale per
+        block; the rule, the variance and the draws use the decoded float32
+        values).
+      nu_dtype: storage of the evidence ``s``, likewise.
+      sigma_dtype: storage of σ, likewise. (The ``"reparam"`` curvature
+        buffer stays in the parameter's dtype.)
 
     Returns:
       An ``optax.GradientTransformation`` with state
@@ -231,17 +254,19 @@ def scale_by_variational_sigma_filter(
             "eta", eta, low=0.0, low_inclusive=False, where=where + " (with sigma_init=None)"
         )
     key_data = validation.key_data(key, where)
+    dtypes = sigma.StateDtypes(mu_dtype, nu_dtype, sigma_dtype)
+    dtypes.check(where)
     new_sigma = sigma.filter_rule(sigma_init, sigma_max, max_ratio)
     reparam = curvature == "reparam"
 
     def init_fn(params):
-        base = sigma._init_sigma_state(params, b1, sigma_init)
         for leaf in jax.tree.leaves(params):
             if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
                 raise ValueError(
                     f"{where}: parameters must be real floating point, got a "
                     f"{jnp.asarray(leaf).dtype} leaf."
                 )
+        base = sigma._init_sigma_state(params, b1, sigma_init, dtypes, where)
         hess = None
         if reparam:
             hess = jax.tree.map(lambda p: moments.full_like(p, hess_init), params)
@@ -258,8 +283,9 @@ def scale_by_variational_sigma_filter(
             evidence_scale=jnp.zeros((), f),
         )
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, stored, params=None):
         del params
+        state = decoded_state(stored)
         moments.check_tree_match(where, updates, state.nu, "nu")
         count = optax.safe_increment(state.count)
         debias = moments.Debias(count)
@@ -300,9 +326,9 @@ def scale_by_variational_sigma_filter(
         return u, ScaleByVariationalSigmaFilterState(
             count=count,
             key=state.key,
-            mu=None if state.mu is None else mu,
-            nu=nu,
-            sigma=sig,
+            mu=None if state.mu is None else quantize.encoded_like(mu, stored.mu),
+            nu=quantize.encoded_like(nu, stored.nu),
+            sigma=quantize.encoded_like(sig, stored.sigma),
             hess=None if state.hess is None else hess,
             num_data=state.num_data,
             prior_precision=state.prior_precision,

@@ -178,16 +178,10 @@ def _decoding(leaf: Callable[..., Sequence[Any]]) -> Callable[..., tuple]:
     """
 
     def run(g, *state):
-        stored = [quantize.as_stored(x) for x in state]
-        if not any(q is not None for q in stored):
+        if not any(quantize.is_stored(x) for x in state):
             return tuple(leaf(g, *state))
-        plain = [x if q is None else quantize.decode(q) for x, q in zip(state, stored, strict=True)]
-        u, *new = leaf(g, *plain)
-        new = [
-            x if q is None else quantize.like(quantize.reencode(x, q), old)
-            for x, q, old in zip(new, stored, state, strict=True)
-        ]
-        return (u, *new)
+        u, *new = leaf(g, *quantize.decoded(list(state)))
+        return (u, *quantize.encoded_like(new, list(state)))
 
     return run
 

@@ -128,26 +128,30 @@ def test_train_lm_smoke_two_devices(tmp_path):
 
     # The same run on a cluster of two processes (one device each, gloo over
     # loopback) is bit for bit the single-process run: a sum of two per-device
-    # gradients does not depend on the order it is taken in.
-    two = ["adamw", "variational_sigma_filter"]
-    _run_lm(tmp_path / "cluster", "--processes", "2", "--optimizers", *two)
+    # gradients does not depend on the order it is taken in. One optimizer
+    # suffices: the variational filter's step holds the σ-filter's and adds
+    # the keyed training draw, the part most likely to differ between processes.
+    one = ["variational_sigma_filter"]
+    _run_lm(tmp_path / "cluster", "--processes", "2", "--optimizers", *one)
     assert json.loads((tmp_path / "cluster" / "results.json").read_text())["processes"] == 2
     cluster = _lm_record(tmp_path / "cluster")
-    assert list(cluster) == two
-    for name in two:
+    assert list(cluster) == one
+    for name in one:
         r = results[name]
         for key in ("params_fingerprint", "state_fingerprint", "history"):
             assert cluster[name][key] == r[key], (name, key)
 
 
 def test_train_lm_resume_after_kill_is_bit_exact(tmp_path):
-    opts = ["--optimizers", "adamw", "variational_sigma_filter", "--steps", "8"]
+    # The variational filter: its state holds every kind of buffer a resume
+    # must restore (ZeRO-split moments and σ, the step count, the noise key).
+    opts = ["--optimizers", "variational_sigma_filter", "--steps", "8"]
     _run_lm(tmp_path / "whole", *opts)
     # Killed (SIGKILL) after step 5: checkpoints exist for step 2 and maybe 4.
     _run_lm(tmp_path / "cut", *opts, "--crash-at", "5", expect_rc=-signal.SIGKILL)
     assert not (tmp_path / "cut" / "results.json").exists()
     resumed = _run_lm(tmp_path / "cut", *opts, "--resume")
-    step = int(resumed.stdout.split("adamw: resumed at step ")[1].split()[0])
+    step = int(resumed.stdout.split("resumed at step ")[1].split()[0])
     assert step in (2, 4)  # so steps up to 5 were lost and are run again
     whole, cut = _lm_record(tmp_path / "whole"), _lm_record(tmp_path / "cut")
     for name in whole:

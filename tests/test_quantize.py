@@ -86,19 +86,20 @@ def test_encode_matches_float64_reference(signed, shape, block):
     q = quantize.encode(jnp.asarray(x32), quantize.Blockwise8(block), signed)
     codes, scale, _, to_mid, dist = _reference(x32, block, signed)
     np.testing.assert_array_equal(np.asarray(q.scale), scale.astype(np.float32))  # an entry: exact
-    # The float32 encoder computes x/s (one rounding, ≤ u|x/s|) and compares
-    # with the float32 midpoints (each within u of the float64 one, all ≤ 1):
-    # codes can differ only within 2u of a decision point, and then by one.
+    # The float32 encoder computes x·(1/s) (two roundings, ≤ 2u|x/s| + u²)
+    # and compares with the float32 midpoints (each within u of the float64
+    # one, all ≤ 1): codes can differ only within 3u of a decision point, and
+    # then by one.
     got = _index(q)
-    clear = to_mid > 2 * U
+    clear = to_mid > 3 * U
     np.testing.assert_array_equal(got[clear], codes[clear])
     assert np.all(np.abs(got - codes) <= 1)
     # Decoding: the table entry rounded to float32 times the scale (two
     # roundings). Error against x: the distance to the chosen code, which is
-    # the float64 nearest code's plus at most 2u near a decision point.
+    # the float64 nearest code's plus at most 3u near a decision point.
     dec = np.asarray(quantize.decode(q), np.float64)
     s = np.repeat(scale, q.block_size, axis=-1)[..., : shape[-1]]
-    bound = s * (dist + 2 * U) + 2.0000001 * U * np.abs(dec)
+    bound = s * (dist + 3 * U) + 2.0000001 * U * np.abs(dec)
     err = np.abs(dec - x32)
     assert np.all(err <= bound)
     # The bound rejects a real error: one code off, away from decision points.
@@ -107,8 +108,9 @@ def test_encode_matches_float64_reference(signed, shape, block):
     err_wrong = np.abs(np.asarray(quantize.decode(wrong), np.float64) - x32)
     values = quantize.code_map(signed)
     gap_up = values[np.minimum(got + 1, 255)] - values[got]
-    moved = (got < 255) & (s > 0) & (dist < gap_up / 4)
-    assert moved.mean() > 0.3 and np.all(err_wrong[moved] > bound[moved])
+    # (where the gap to the next code exceeds the rounding terms: 16u)
+    moved = (got < 255) & (s > 0) & (dist < gap_up / 4) & (gap_up > 16 * U)
+    assert moved.mean() > 0.15 and np.all(err_wrong[moved] > bound[moved])
 
 
 def test_zero_blocks_and_nonfinite_entries():

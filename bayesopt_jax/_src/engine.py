@@ -135,7 +135,9 @@ def apply(prepared: Prepared, grads: PyTree) -> tuple[PyTree, tuple]:
     """Runs one step over every leaf: ``(updates, new state trees)``.
 
     Float32 leaves whose state is float32 too go through the native kernel
-    when there is one and it is in use; the rest through the pure statement.
+    when there is one and it is in use, and so do float32 leaves whose state
+    is all in 8-bit storage (the kernel decodes, runs the rule and encodes);
+    the rest through the pure statement.
     """
     gs, treedef = jax.tree.flatten(grads)
     cols = [None if s is None else treedef.flatten_up_to(s) for s in prepared.states]
@@ -149,8 +151,13 @@ def apply(prepared: Prepared, grads: PyTree) -> tuple[PyTree, tuple]:
         and not any(quantize.is_stored(x) for x in row)
         and native.is_native_leaf(row[0], *(row[1 + j] for j in present))
     ]
+    stored = [
+        i
+        for i, row in enumerate(rows)
+        if use and i not in fast and native.is_stored_leaf(row[0], [row[1 + j] for j in present])
+    ]
     outs: list[Any] = [None] * len(rows)
-    fast_set = set(fast)
+    fast_set = set(fast) | set(stored)
     if len(fast_set) < len(rows):
         leaf = _decoding(prepared.make_leaf(prepared.args))
         for i, row in enumerate(rows):
@@ -164,6 +171,15 @@ def apply(prepared: Prepared, grads: PyTree) -> tuple[PyTree, tuple]:
             out: list[Any] = [us[n]] + [None] * len(cols)
             for slot, j in enumerate(present):
                 out[1 + j] = new[slot][n]
+            outs[i] = tuple(out)
+    if stored:
+        picked_g = [rows[i][0] for i in stored]
+        picked_s = [[rows[i][1 + j] for i in stored] for j in present]
+        us, new = _native_stored(prepared, present, picked_g, picked_s)
+        for n, i in enumerate(stored):
+            out = [us[n]] + [None] * len(cols)
+            for slot, j in enumerate(present):
+                out[1 + j] = quantize.like(new[slot][n], rows[i][1 + j])
             outs[i] = tuple(out)
     trees = [treedef.unflatten([o[k] for o in outs]) for k in range(1 + len(cols))]
     new_states = tuple(None if cols[j] is None else trees[1 + j] for j in range(len(cols)))
@@ -186,13 +202,13 @@ def _decoding(leaf: Callable[..., Sequence[Any]]) -> Callable[..., tuple]:
     return run
 
 
-def _native(prepared: Prepared, present: list[int], gs: list, states: list[list]):
-    """The native update of these leaves; its derivative is the pure path's."""
+def _pure(prepared: Prepared, present: list[int], wrap: Callable = lambda leaf: leaf):
+    """The pure statement over a kernel's leaves, with the kernel's signature (its derivative)."""
     n_states = len(prepared.states)
 
     def pure(scalars, args, gs, states):
         del scalars
-        leaf = prepared.make_leaf(args)
+        leaf = wrap(prepared.make_leaf(args))
         us, new = [], [[] for _ in present]
         for i, g in enumerate(gs):
             row: list[Any] = [None] * n_states
@@ -204,6 +220,13 @@ def _native(prepared: Prepared, present: list[int], gs: list, states: list[list]
                 new[slot].append(out[1 + j])
         return us, new
 
+    return pure
+
+
+def _native(prepared: Prepared, present: list[int], gs: list, states: list[list]):
+    """The native update of these leaves; its derivative is the pure path's."""
+    pure = _pure(prepared, present)
+
     @jax.custom_jvp
     def kernel(scalars, args, gs, states):
         del args
@@ -211,6 +234,20 @@ def _native(prepared: Prepared, present: list[int], gs: list, states: list[list]
         finish = prepared.kernel.finish
         us = [finish(scalars, g, *(col[i] for col in new)) for i, g in enumerate(gs)]
         return us, new
+
+    kernel.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
+    return native.on_cpu(kernel, pure, prepared.kernel.scalars, prepared.args, gs, states)
+
+
+def _native_stored(prepared: Prepared, present: list[int], gs: list, states: list[list]):
+    """The native update of leaves whose state is in 8-bit storage; its derivative is the pure path's."""
+    states = [[quantize.as_stored(x) for x in col] for col in states]
+    pure = _pure(prepared, present, _decoding)
+
+    @jax.custom_jvp
+    def kernel(scalars, args, gs, states):
+        del args
+        return native.update_stored(prepared.kernel.rule, scalars, gs, states)
 
     kernel.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
     return native.on_cpu(kernel, pure, prepared.kernel.scalars, prepared.args, gs, states)

@@ -126,6 +126,20 @@ def _nearest(normal: Array, signed: bool) -> Array:
     return first + (jnp.asarray(mids)[first] < normal)
 
 
+@functools.cache
+def kernel_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The encoder's and decoder's tables as the native kernels take them.
+
+    ``values`` float32 ``[2, 256]`` and ``mids`` ``[2, 256]`` (decision
+    points padded with +inf), ``below`` int32 ``[2, 2 * buckets]``; row 0 is
+    the unsigned map, row 1 the signed one. And the top 16 bits of the
+    smallest nonzero bucket's lower edge.
+    """
+    rows = [(_tables(signed)[0], *_buckets(signed)) for signed in (False, True)]
+    values, below, mids = (np.stack(col) for col in zip(*rows, strict=True))
+    return values, mids, below, _TOP_MIN
+
+
 @dataclasses.dataclass(frozen=True)
 class Blockwise8:
     """State storage format: 8-bit codes with one float32 scale per block of the last axis.
@@ -201,12 +215,28 @@ def _blocked(x: Array, blocks: int) -> tuple[Array, int]:
     return x.reshape(*x.shape[:-1], blocks, run), pad
 
 
+def _max_magnitude(xb: Array) -> Array:
+    """``max |x|`` over the last axis, NaN where a NaN is (with the largest NaN's bits).
+
+    Taken on the bits: for non-negative floats the order of the bit patterns
+    as integers is the order of the values, and every NaN's is above
+    infinity's. A float maximum would do on paper, but XLA's CPU reduction
+    drops NaNs in some fusions; an integer one is exact everywhere (and is
+    what the native kernels compute, so the scales agree bit for bit).
+    """
+    bits = jax.lax.bitcast_convert_type(xb, jnp.uint32) & jnp.uint32(0x7FFFFFFF)
+    return jax.lax.bitcast_convert_type(jnp.max(bits, axis=-1), jnp.float32)
+
+
 def _encode(x: Array, signed: bool, blocks: int) -> Quantized:
     shape = jnp.shape(x)
     xb, pad = _blocked(jnp.asarray(x, jnp.float32), blocks)
-    scale = jnp.max(jnp.abs(xb), axis=-1)
-    safe = jnp.where(scale > 0, scale, 1.0)
-    normal = xb / safe[..., None]
+    scale = _max_magnitude(xb)
+    # One reciprocal per block and a product per entry, written out so that
+    # every backend and the native kernels round alike (XLA would turn a
+    # division by the broadcast scale into this product on some paths only).
+    inverse = 1.0 / jnp.where(scale > 0, scale, 1.0)
+    normal = xb * inverse[..., None]
     index = _nearest(normal, signed)
     index = jnp.where(jnp.isfinite(scale)[..., None], index, 0)
     codes = (index - 128).astype(jnp.int8) if signed else index.astype(jnp.uint8)
@@ -301,6 +331,13 @@ def check_state_dtype(name: str, dtype: Any, where: str) -> None:
         validation.check_dtype(name, dtype, where)
 
 
+def whole_blocks(n: int, blocks: int, devices: int) -> bool:
+    """Whether a last axis of ``n`` in ``blocks`` runs splits into ``devices`` equal shares of whole runs."""
+    if devices <= 1:
+        return True
+    return n % devices == 0 and (n // devices) % _run_length((n,), blocks) == 0
+
+
 def stored_shardings(q: Quantized, sharding: jax.sharding.Sharding) -> Quantized:
     """The shardings of ``q``'s arrays when the array it stores has ``sharding``.
 
@@ -316,8 +353,7 @@ def stored_shardings(q: Quantized, sharding: jax.sharding.Sharding) -> Quantized
         last = spec[-1]
         names = () if last is None else (last,) if isinstance(last, str) else tuple(last)
         devices = math.prod(sharding.mesh.shape[n] for n in names)
-        n = q.shape[-1]
-        if devices > 1 and (n % devices or (n // devices) % q.block_size):
+        if not whole_blocks(q.shape[-1], q.scale.shape[-1], devices):
             spec[-1] = None  # blocks would straddle devices
         scale = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
     return Quantized(sharding, scale)

@@ -4,8 +4,11 @@ The kernel layer knows rules, not optimizers: a rule (``"adam"``,
 ``"amsgrad"``, ``"sigma"``, ``"sigma_momentum"``) is a fixed per-element
 arithmetic over a gradient and 2 or 3 state buffers, configured by a float32
 scalars operand laid out as ``kernels.cc`` states it. :func:`update` runs a
-rule over many leaves and returns the updates; :func:`step` also applies them
-to the parameters. Which transformation uses which rule, with which scalars,
+rule over many leaves and returns the new state; :func:`step` also applies
+the updates to the parameters; :func:`update_stored` runs a rule over state
+in block-wise 8-bit storage (:mod:`bayesopt_jax._src.quantize`): decode,
+rule and encode in one pass, returning the updates and the new codes and
+scales. Which transformation uses which rule, with which scalars,
 is decided by the transformations (see :mod:`bayesopt_jax._src.engine`).
 
 The shared library is compiled when the package is installed (``setup.py``
@@ -47,10 +50,11 @@ from jax.experimental.custom_partitioning import (
 from jax.sharding import NamedSharding, PartitionSpec
 from jaxlib.mlir import ir
 
+from bayesopt_jax._src import quantize
 from bayesopt_jax._src.native import reference
 
 HERE = Path(__file__).resolve().parent
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 
 class Rule(NamedTuple):
@@ -58,7 +62,7 @@ class Rule(NamedTuple):
 
     states: int
     scalars: int
-    symbol: str  # the handlers are Bj<symbol>UpdateF32 and Bj<symbol>StepF32
+    symbol: str  # the handlers are Bj<symbol>UpdateF32, Bj<symbol>StepF32, Bj<symbol>UpdateQ8
 
 
 RULES = {
@@ -78,9 +82,14 @@ def step_target(rule: str) -> str:
     return f"bayesopt_jax_{rule}_step_f32"
 
 
+def stored_target(rule: str) -> str:
+    return f"bayesopt_jax_{rule}_update_q8"
+
+
 UPDATE_TARGETS = tuple(update_target(r) for r in RULES)
 STEP_TARGETS = tuple(step_target(r) for r in RULES)
-TARGETS = UPDATE_TARGETS + STEP_TARGETS
+STORED_TARGETS = tuple(stored_target(r) for r in RULES)
+TARGETS = UPDATE_TARGETS + STEP_TARGETS + STORED_TARGETS
 
 
 def library_path() -> Path | None:
@@ -116,6 +125,7 @@ def _load() -> str | None:
             for target, handler in [
                 (update_target(name), f"Bj{rule.symbol}UpdateF32"),
                 (step_target(name), f"Bj{rule.symbol}StepF32"),
+                (stored_target(name), f"Bj{rule.symbol}UpdateQ8"),
             ]:
                 capsule = jax.ffi.pycapsule(getattr(lib, handler))
                 jax.ffi.register_ffi_target(target, capsule, platform="cpu")
@@ -234,6 +244,25 @@ def is_native_leaf(*arrays: Any) -> bool:
     )
 
 
+def is_stored_leaf(g: Any, states: list) -> bool:
+    """Whether a float32 gradient's state is all in 8-bit storage the stored kernel runs.
+
+    Every state buffer stored (:func:`.quantize.as_stored`), codes shaped
+    like the gradient, one scale shape for all (the same blocks), at least
+    one axis.
+    """
+    if not hasattr(g, "dtype") or jnp.result_type(g) != jnp.float32:
+        return False
+    shape = jnp.shape(g)
+    qs = [quantize.as_stored(x) for x in states]
+    if not shape or jnp.size(g) == 0 or not qs or any(q is None for q in qs):
+        return False
+    scale = jnp.shape(qs[0].scale)
+    return all(q.shape == shape and jnp.shape(q.scale) == scale for q in qs) and len(scale) == len(
+        shape
+    )
+
+
 def _local_update(static, scalars, *leaves):
     """A rule's update kernel on whole (or per-device) arrays: the new state."""
     rule = static[0]
@@ -265,6 +294,86 @@ def _local_step(static, scalars, step, *leaves):
         vmap_method="sequential",
     )
     return list(call(scalars, step, *leaves, decay=np.asarray(decay, np.int64)))
+
+
+def _local_update_stored(static, scalars, values, mids, below, *leaves):
+    """A rule's update kernel over 8-bit state: ``(u, codes0, scale0, ...)``."""
+    rule = static[0]
+    k = len(leaves) // (1 + 2 * RULES[rule].states)
+    gs = leaves[:k]
+    call = jax.ffi.ffi_call(
+        stored_target(rule),
+        [jax.typeof(x) for x in leaves],  # u like g, then codes and scales
+        input_output_aliases={4 + k + i: k + i for i in range(len(leaves) - k)},
+        vmap_method="sequential",
+    )
+    last = np.asarray([jnp.shape(g)[-1] for g in gs], np.int64)
+    top_min = np.int64(quantize.kernel_tables()[3])
+    return list(call(scalars, values, mids, below, *leaves, last=last, top_min=top_min))
+
+
+def _stored_partitionable() -> Any:
+    """:func:`_local_update_stored` made partitionable under a sharded ``jit``.
+
+    Gradient, update and codes of a leaf share its sharding; the scales take
+    it along the leading axes and along the last axis too when each device's
+    share of it is whole blocks (:func:`.quantize.whole_blocks`). Otherwise
+    the leaf is gathered along its last axis, so that no block is split.
+    """
+    fn = custom_partitioning(_local_update_stored, static_argnums=(0,))
+    n_tables = 4
+
+    def slots(static):
+        return RULES[static[0]].states
+
+    def rule(static, mesh, operand_types, result_types):
+        del mesh, result_types
+        ranks = [len(ir.RankedTensorType(t).shape) for t in operand_types[n_tables:]]
+        k = len(ranks) // (1 + 2 * slots(static))
+        leaf = [ArrayMapping(*[f"l{i}_d{d}" for d in range(ranks[i])]) for i in range(k)]
+        scale = [
+            ArrayMapping(*[f"l{i}_d{d}" for d in range(ranks[i] - 1)], f"l{i}_blocks")
+            for i in range(k)
+        ]
+        table_ranks = [len(ir.RankedTensorType(t).shape) for t in operand_types[:n_tables]]
+        tables = [[f"table{j}_d{d}" for d in range(r)] for j, r in enumerate(table_ranks)]
+        return SdyShardingRule(
+            operand_mappings=(
+                *(ArrayMapping(*names) for names in tables),
+                *leaf,
+                *(leaf + scale) * slots(static),
+            ),
+            result_mappings=(*leaf, *(leaf + scale) * slots(static)),
+            need_replication_factors=tuple(n for names in tables for n in names),
+        )
+
+    def partition(static, mesh, arg_shapes, result_shape):
+        k = (len(arg_shapes) - n_tables) // (1 + 2 * slots(static))
+        shardings = []
+        for i in range(k):
+            g, scale = arg_shapes[n_tables + i], arg_shapes[n_tables + 2 * k + i]
+            sharding = g.sharding
+            if not isinstance(sharding, NamedSharding):
+                shardings.append(NamedSharding(mesh, PartitionSpec()))
+                continue
+            spec = list(sharding.spec) + [None] * (len(g.shape) - len(sharding.spec))
+            last = spec[-1]
+            axes = () if last is None else (last,) if isinstance(last, str) else tuple(last)
+            devices = int(np.prod([mesh.shape[a] for a in axes]))
+            if not quantize.whole_blocks(g.shape[-1], scale.shape[-1], devices):
+                spec[-1] = None
+            shardings.append(NamedSharding(mesh, PartitionSpec(*spec)))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        leaves = [*shardings, *shardings * (2 * slots(static))]
+        return (
+            mesh,
+            functools.partial(_local_update_stored, static),
+            leaves,
+            (*[replicated] * n_tables, *leaves),
+        )
+
+    fn.def_partition(partition=partition, sharding_rule=rule)
+    return fn
 
 
 def _partitionable(local: Any, n_scalars: int, groups: Any) -> Any:
@@ -323,6 +432,9 @@ def _step_groups(static):
 
 _update_call = _partitionable(_local_update, 1, _update_groups)
 _step_call = _partitionable(_local_step, 2, _step_groups)
+
+
+_stored_call = _stored_partitionable()
 
 
 def _batchable(call: Any, static: Any, n_scalars: int) -> Any:
@@ -399,6 +511,35 @@ def update(rule: str, scalars: jax.Array, gs: list, states: list[list]) -> list[
     return new
 
 
+def update_stored(
+    rule: str, scalars: jax.Array, gs: list, states: list[list[quantize.Quantized]]
+) -> tuple[list, list[list[quantize.Quantized]]]:
+    """Runs ``rule`` over leaves whose state is in 8-bit storage: the updates and the new state.
+
+    ``states`` holds one list of :class:`~.quantize.Quantized` per state
+    buffer of the rule (see :func:`is_stored_leaf`); codes and scales are
+    updated in place.
+    """
+    check_rule(rule, scalars, states)
+    if _eager(scalars, gs, states):
+        return _jitted_update_stored(rule, scalars, gs, states)
+    values, mids, below, _ = quantize.kernel_tables()
+    tables = [jnp.asarray(values), jnp.asarray(mids), jnp.asarray(below)]
+    us, new = [], [[] for _ in states]
+    for part in _groups(len(gs)):
+        k = len(gs[part])
+        operands = [*gs[part]]
+        for col in states:
+            operands += [q.codes for q in col[part]] + [q.scale for q in col[part]]
+        out = _batchable(_stored_call, (rule,), 4)(scalars, *tables, *operands)
+        us += out[:k]
+        for j in range(len(states)):
+            codes = out[k + 2 * j * k : k + (2 * j + 1) * k]
+            scales = out[k + (2 * j + 1) * k : k + (2 * j + 2) * k]
+            new[j] += [quantize.Quantized(c, sc) for c, sc in zip(codes, scales, strict=True)]
+    return us, new
+
+
 def step(
     rule: str,
     scalars: jax.Array,
@@ -433,6 +574,7 @@ def _eager(*trees: Any) -> bool:
 
 
 _jitted_update = jax.jit(lambda *a: update(*a), static_argnums=0)
+_jitted_update_stored = jax.jit(lambda *a: update_stored(*a), static_argnums=0)
 _jitted_step = jax.jit(lambda *a: step(*a[:-1], list(a[-1])), static_argnums=(0, 6))
 
 
@@ -460,30 +602,72 @@ def self_test() -> str | None:
     step kernel (state and parameters, weight decay on two of the three
     leaves); every result must be within
     64 float32 rounding units of its terms' magnitude of the float64 value,
-    with the same non-finite entries.
+    with the same non-finite entries. The same leaves with their state in
+    8-bit storage go through the 8-bit kernel: its updates are checked the
+    same way, and its codes and scales must equal the encoding (a NumPy
+    transcription of the encoder) of the float32 kernel's new state.
     """
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     rng = np.random.default_rng(0)
+    values, mids, _, _ = quantize.kernel_tables()
     factor, wd = -1e-3, 0.1
     decay = [True, False, True]
     for rule, sc in reference.cases():
         ps, gs, states = reference.inputs(rule, rng)
         k = len(ps)
 
-        def program(sc, fw, ps, gs, states, rule=rule):
+        def program(sc, fw, ps, gs, states, stored, decoded, rule=rule):
             new = update(rule, sc, gs, states)
             new_ps, stepped = step(rule, sc, fw, ps, gs, states, decay)
-            return new, new_ps, stepped
+            us, stored_new = update_stored(rule, sc, gs, stored)
+            return new, new_ps, stepped, us, stored_new, update(rule, sc, gs, decoded)
 
+        # The same leaves with the state in 8-bit storage (blocks of 16),
+        # encoded in NumPy, so that the program holds only kernel calls.
+        signed = reference.SIGNED[rule]
+        encoded = [
+            [reference.stored(x, values[int(j in signed)], mids[int(j in signed)], 16) for x in col]
+            for j, col in enumerate(states)
+        ]
+        stored = [
+            [
+                quantize.Quantized(
+                    (idx - (128 if j in signed else 0)).astype(
+                        np.int8 if j in signed else np.uint8
+                    ),
+                    sc_,
+                )
+                for idx, sc_, _ in col
+            ]
+            for j, col in enumerate(encoded)
+        ]
+        decoded = [[dec for _, _, dec in col] for col in encoded]
         fw = np.asarray([factor, wd], np.float32)
+        operands = (sc, fw, ps, gs, states, stored, decoded)
         # Lowered and compiled explicitly, so that this also works when the
         # first use happens while another function is being traced.
         jitted = jax.jit(program, in_shardings=cpu, out_shardings=cpu)
-        new, new_ps, stepped = jitted.lower(sc, fw, ps, gs, states).compile()(
-            sc, fw, ps, gs, states
-        )
+        new, new_ps, stepped, us, stored_new, plain = jitted.lower(*operands).compile()(*operands)
+        got = [
+            [
+                (np.asarray(q.codes).astype(np.int64) + (128 if j in signed else 0), q.scale)
+                for q in col
+            ]
+            for j, col in enumerate(stored_new)
+        ]
+        want = [
+            [
+                reference.stored(
+                    np.asarray(x), values[int(j in signed)], mids[int(j in signed)], 16
+                )[:2]
+                for x in col
+            ]
+            for j, col in enumerate(plain)
+        ]
         for i in range(k):
             why = reference.check_leaf(i, rule, sc, fw, ps, gs, states, new, new_ps, stepped, decay)
+            if why is None:
+                why = reference.check_stored_leaf(i, rule, sc, gs, decoded, us, got, want)
             if why is not None:
                 return why
     return None

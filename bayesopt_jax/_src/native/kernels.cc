@@ -13,6 +13,12 @@
 //            rets  p[0..k), s0[0..k), s1[0..k) [, s2[0..k)]
 //            attr  decay: int64[k], 1 where weight decay applies
 //
+//   update_q8: args  scalars, values, mids, below, g[0..k),
+//                   codes0[0..k), scale0[0..k), codes1.., scale1.. [, codes2, scale2]
+//              rets  u[0..k), codes0[0..k), scale0[0..k), ...
+//              attrs last: int64[k] (each leaf's last-axis length), top_min
+//            (the state in block-wise 8-bit storage, see below)
+//
 // (k = number of leaves). The step kernel also applies the update to the
 // parameters: p ← fma(u + wd·p [if decay], factor, p) with step = [factor, wd]
 // (factor is -learning_rate, or whatever scalar the chain multiplies by).
@@ -35,6 +41,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <string>
 #include <thread>
@@ -219,6 +226,137 @@ BJ_ALWAYS_INLINE void StepLoop(const typename R::K k, float factor, float wd,
   }
 }
 
+// ---------------------------------------------------------------------------
+// The rules over state in block-wise 8-bit storage (bayesopt_jax/_src/
+// quantize.py states the format; this is its transcription). A state array
+// is int8 (signed code map) or uint8 (unsigned) codes in the array's shape
+// and one float32 scale per block: the last axis of length L is cut into B
+// runs of run = ceil(L / B) elements, the last one shorter. Per block:
+//   decode  x = values[code] · scale                      (one multiply)
+//   rule    the rule's Element on the float32 values, u written out
+//   encode  scale = max |x| (NaN if any x is NaN), y = x · (1 / (scale or 1)),
+//           code = the count of decision points below y, found with one read
+//           of `below` (indexed by y's top 16 bits) and one comparison;
+//           every code of a block with a non-finite scale is 0.
+// The tables come from Python as operands: values[2][256] and mids[2][256]
+// (row 0 unsigned, row 1 signed; mids padded with +inf), below[2][2·buckets]
+// (per sign of y, per bucket). Every operation is exact or one correctly
+// rounded IEEE operation, so the result is the pure-JAX statement's decode,
+// rule (this file's Element) and encode, bit for bit.
+// ---------------------------------------------------------------------------
+
+struct CodeTables {
+  const float* values;   // [2][256]
+  const float* mids;     // [2][256]
+  const int32_t* below;  // [2][2 * buckets]
+  int64_t buckets;       // per sign of y
+  int64_t top_min;       // top 16 bits of the smallest bucket's lower edge (bucket 1)
+};
+
+struct Slot {
+  void* codes;  // int8 or uint8, the leaf's elements
+  float* scale;
+  int sign;  // 1: signed map (int8 codes), 0: unsigned (uint8)
+};
+
+struct Geometry {
+  int64_t last, blocks, run;  // last-axis length, blocks per row, run length
+};
+
+// The code of y = x / scale in [-1, 1] for one map: `below` and `mids` are
+// that map's rows. Integer arithmetic on the bits, so the loop vectorizes.
+BJ_ALWAYS_INLINE int32_t NearestCode(const int32_t* __restrict below,
+                                     const float* __restrict mids, int32_t buckets,
+                                     int32_t top_min, float y) {
+  uint32_t bits;
+  std::memcpy(&bits, &y, sizeof(bits));
+  const int32_t neg = static_cast<int32_t>(bits >> 31);
+  int32_t bucket = static_cast<int32_t>((bits & 0x7fffffffu) >> 16) - top_min + 1;
+  bucket = bucket < 0 ? 0 : (bucket > buckets - 1 ? buckets - 1 : bucket);
+  const int32_t first = below[neg * buckets + bucket];
+  return first + (mids[first] < y ? 1 : 0);
+}
+
+// Encodes the n values x into codes (int8: index - 128, or uint8) and
+// returns the block's scale.
+template <typename Code>
+BJ_ALWAYS_INLINE float EncodeBlock(const CodeTables& t, int sign_map, const float* __restrict x,
+                                   Code* __restrict codes, int64_t n) {
+  // max |x| on the bits: for non-negative floats the order of the bits as
+  // integers is the order of the values, and a NaN's are above infinity's,
+  // so a NaN anywhere gives a NaN scale. An integer maximum vectorizes.
+  uint32_t top_bits = 0;
+  const uint32_t* __restrict xb = reinterpret_cast<const uint32_t*>(x);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t a = xb[i] & 0x7fffffffu;
+    top_bits = a > top_bits ? a : top_bits;
+  }
+  float top;
+  std::memcpy(&top, &top_bits, sizeof(top));
+  if ((top_bits & 0x7f800000u) == 0x7f800000u) {  // inf or NaN: every code 0
+    std::memset(codes, sign_map ? 128 : 0, n);  // index 0: int8 -128 or uint8 0
+    return top;
+  }
+  const float inverse = 1.0f / (top > 0.0f ? top : 1.0f);
+  const int32_t buckets = static_cast<int32_t>(t.buckets);
+  const int32_t top_min = static_cast<int32_t>(t.top_min);
+  const int32_t* __restrict below = t.below + sign_map * 2 * t.buckets;
+  const float* __restrict mids = t.mids + sign_map * 256;
+  const int32_t offset = sign_map ? 128 : 0;
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
+    codes[i] = static_cast<Code>(NearestCode(below, mids, buckets, top_min, x[i] * inverse) - offset);
+  }
+  return top;
+}
+
+// Blocks [b0, b1) of one leaf (block b is row b / B, run b % B). `tmp` holds
+// 3 · run floats.
+template <class R>
+BJ_ALWAYS_INLINE void Q8Loop(const typename R::K k, const CodeTables& t, const float* __restrict g,
+                             float* __restrict u, const Slot* slots, Geometry geo, int64_t b0,
+                             int64_t b1, float* __restrict tmp) {
+  constexpr int kS = R::kStates;
+  float* x[3] = {tmp, tmp + geo.run, tmp + 2 * geo.run};
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t row = b / geo.blocks, j = b % geo.blocks;
+    const int64_t begin = row * geo.last + j * geo.run;
+    int64_t n = geo.last - j * geo.run;
+    n = n < 0 ? 0 : (n > geo.run ? geo.run : n);
+    for (int s = 0; s < kS; ++s) {
+      const float scale = slots[s].scale[b];
+      float* __restrict xs = x[s];
+      if (slots[s].sign) {
+        const int8_t* c = static_cast<const int8_t*>(slots[s].codes) + begin;
+        const float* v = t.values + 256;
+#pragma GCC ivdep
+        for (int64_t i = 0; i < n; ++i) xs[i] = v[c[i] + 128] * scale;
+      } else {
+        const uint8_t* c = static_cast<const uint8_t*>(slots[s].codes) + begin;
+#pragma GCC ivdep
+        for (int64_t i = 0; i < n; ++i) xs[i] = t.values[c[i]] * scale;
+      }
+    }
+    float* __restrict x0 = x[0];
+    float* __restrict x1 = x[1];
+    float* __restrict x2 = x[2];
+    const float* __restrict gb = g + begin;
+    float* __restrict ub = u + begin;
+#pragma GCC ivdep
+    for (int64_t i = 0; i < n; ++i) {
+      float c = kS > 2 ? x2[i] : 0.0f;
+      ub[i] = R::Element(k, gb[i], x0[i], x1[i], c);
+      if constexpr (kS > 2) x2[i] = c;
+    }
+    for (int s = 0; s < kS; ++s) {
+      slots[s].scale[b] =
+          slots[s].sign
+              ? EncodeBlock(t, 1, x[s], static_cast<int8_t*>(slots[s].codes) + begin, n)
+              : EncodeBlock(t, 0, x[s], static_cast<uint8_t*>(slots[s].codes) + begin, n);
+    }
+  }
+}
+
 // One compiled copy of the loops per instruction set. The library itself is
 // built for the architecture's baseline (no -march), so it loads on any CPU;
 // the copy used is chosen at load time from the CPU's features (cpuid), or
@@ -229,9 +367,12 @@ struct Fns {
   using Update = void (*)(const typename R::K&, const float*, float*, float*, float*, int64_t);
   using Step = void (*)(const typename R::K&, float, float, float*, const float*, float*,
                         float*, float*, int64_t);
+  using Q8 = void (*)(const typename R::K&, const CodeTables&, const float*, float*,
+                     const Slot*, Geometry, int64_t, int64_t, float*);
   Update update;
   Step step;
   Step step_decay;
+  Q8 q8;
 };
 
 #define BJ_DEFINE_RULE(NAME, RULE, SUFFIX, ATTRIBUTES)                                        \
@@ -248,6 +389,11 @@ struct Fns {
                                           const float* g, float* s0, float* s1, float* s2,    \
                                           int64_t n) {                                        \
     StepLoop<RULE, true>(k, f, wd, p, g, s0, s1, s2, n);                                      \
+  }                                                                                           \
+  ATTRIBUTES void Q8##NAME##SUFFIX(const RULE::K& k, const CodeTables& t, const float* g,     \
+                                   float* u, const Slot* slots, Geometry geo, int64_t b0,     \
+                                   int64_t b1, float* tmp) {                                  \
+    Q8Loop<RULE>(k, t, g, u, slots, geo, b0, b1, tmp);                                        \
   }
 
 using SigmaPlain = Sigma<false>;
@@ -259,12 +405,14 @@ using SigmaMomentum = Sigma<true>;
   BJ_DEFINE_RULE(Sigma, SigmaPlain, SUFFIX, ATTRIBUTES)          \
   BJ_DEFINE_RULE(SigmaMomentum, SigmaMomentum, SUFFIX, ATTRIBUTES)
 
-#define BJ_VARIANT_TABLE(SUFFIX)                                                          \
-  {UpdateAdam##SUFFIX, StepAdam##SUFFIX, StepDecayAdam##SUFFIX},                          \
-      {UpdateAmsgrad##SUFFIX, StepAmsgrad##SUFFIX, StepDecayAmsgrad##SUFFIX},             \
-      {UpdateSigma##SUFFIX, StepSigma##SUFFIX, StepDecaySigma##SUFFIX},                   \
-  {                                                                                       \
-    UpdateSigmaMomentum##SUFFIX, StepSigmaMomentum##SUFFIX, StepDecaySigmaMomentum##SUFFIX \
+#define BJ_VARIANT_TABLE(SUFFIX)                                                     \
+  {UpdateAdam##SUFFIX, StepAdam##SUFFIX, StepDecayAdam##SUFFIX, Q8Adam##SUFFIX},     \
+      {UpdateAmsgrad##SUFFIX, StepAmsgrad##SUFFIX, StepDecayAmsgrad##SUFFIX,         \
+       Q8Amsgrad##SUFFIX},                                                           \
+      {UpdateSigma##SUFFIX, StepSigma##SUFFIX, StepDecaySigma##SUFFIX, Q8Sigma##SUFFIX}, \
+  {                                                                                  \
+    UpdateSigmaMomentum##SUFFIX, StepSigmaMomentum##SUFFIX,                          \
+        StepDecaySigmaMomentum##SUFFIX, Q8SigmaMomentum##SUFFIX                      \
   }
 
 BJ_DEFINE_VARIANT(Baseline, )
@@ -510,6 +658,99 @@ ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// The update over 8-bit state: args scalars, values, mids, below, then the
+// groups g, codes0, scale0, codes1, scale1 [, codes2, scale2] of k leaves
+// each; rets u and the codes and scales (aliased to their inputs).
+template <class R>
+ffi::Error UpdateQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
+                    ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::F32> mids,
+                    ffi::Buffer<ffi::S32> below, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                    ffi::Span<const int64_t> last, int64_t top_min) {
+  constexpr int kS = R::kStates;
+  const auto bad = [](const char* why) {
+    return ffi::Error::InvalidArgument(std::string("bayesopt_jax 8-bit kernel: ") + why);
+  };
+  if (scalars.element_count() != R::kScalars) return bad("bad scalars operand");
+  if (values.element_count() != 2 * 256 || mids.element_count() != 2 * 256 ||
+      below.element_count() % 4 != 0 || below.element_count() == 0) {
+    return bad("bad code tables");
+  }
+  std::vector<std::vector<ffi::AnyBuffer>> in, out;
+  if (auto e = Unpack(args, rets, 1 + 2 * kS, 1 + 2 * kS, in, out); e.failure()) return e;
+  const size_t k = in[0].size();
+  if (last.size() != k) return bad("`last` needs one length per leaf");
+  struct Leaf {
+    const float* g;
+    float* u;
+    Slot slots[3];
+    Geometry geo;
+    int64_t blocks;  // in all rows
+  };
+  std::vector<Leaf> leaves(k);
+  std::vector<Chunk> chunks;  // here: leaf, first block, end block
+  int64_t total = 0, widest = 1;
+  for (size_t i = 0; i < k; ++i) {
+    const int64_t n = static_cast<int64_t>(in[0][i].element_count());
+    const int64_t len = last[i];
+    if (in[0][i].element_type() != ffi::DataType::F32 ||
+        out[0][i].element_type() != ffi::DataType::F32 ||
+        static_cast<int64_t>(out[0][i].element_count()) != n) {
+      return bad("float32 gradients and updates only");
+    }
+    if (len <= 0 || n % len != 0) return bad("`last` does not divide a leaf's size");
+    const int64_t rows = n / len;
+    Leaf& leaf = leaves[i];
+    leaf.g = F32(in[0][i]);
+    leaf.u = F32(out[0][i]);
+    int64_t nb = -1;
+    for (int s = 0; s < kS; ++s) {
+      const ffi::AnyBuffer &ci = in[1 + 2 * s][i], &si = in[2 + 2 * s][i];
+      const ffi::AnyBuffer &co = out[1 + 2 * s][i], &so = out[2 + 2 * s][i];
+      const bool sign = ci.element_type() == ffi::DataType::S8;
+      if ((!sign && ci.element_type() != ffi::DataType::U8) ||
+          co.element_type() != ci.element_type() || si.element_type() != ffi::DataType::F32 ||
+          so.element_type() != ffi::DataType::F32) {
+        return bad("codes must be int8 or uint8 and scales float32");
+      }
+      const int64_t ns = static_cast<int64_t>(si.element_count());
+      if (static_cast<int64_t>(ci.element_count()) != n ||
+          static_cast<int64_t>(co.element_count()) != n ||
+          static_cast<int64_t>(so.element_count()) != ns || ns % rows != 0 ||
+          (nb >= 0 && ns / rows != nb)) {
+        return bad("codes and scales do not match the leaf");
+      }
+      nb = ns / rows;
+      if (co.untyped_data() != ci.untyped_data()) {
+        std::memcpy(co.untyped_data(), ci.untyped_data(), n);
+      }
+      if (so.untyped_data() != si.untyped_data()) {
+        std::memcpy(so.untyped_data(), si.untyped_data(), ns * sizeof(float));
+      }
+      leaf.slots[s] = Slot{co.untyped_data(), F32(so), sign ? 1 : 0};
+    }
+    if (nb <= 0) return bad("no blocks");
+    leaf.geo = Geometry{len, nb, (len + nb - 1) / nb};
+    leaf.blocks = rows * nb;
+    widest = std::max(widest, leaf.geo.run);
+    const int64_t per = std::max<int64_t>(1, kChunk / leaf.geo.run);
+    for (int64_t b = 0; b < leaf.blocks; b += per) {
+      chunks.push_back({static_cast<int>(i), b, std::min(leaf.blocks, b + per)});
+    }
+    total += n;
+  }
+  const CodeTables t{values.typed_data(), mids.typed_data(), below.typed_data(),
+                     static_cast<int64_t>(below.element_count() / 4), top_min};
+  const typename R::K kk = R::Read(scalars.typed_data());
+  const auto fn = ActiveFns<R>().q8;
+  ParallelFor(pool, std::move(chunks), total, [kk, t, leaves, fn, widest](const Chunk& c) {
+    thread_local std::vector<float> tmp;
+    if (tmp.size() < static_cast<size_t>(3 * widest)) tmp.resize(3 * widest);
+    const Leaf& leaf = leaves[c.leaf];
+    fn(kk, t, leaf.g, leaf.u, leaf.slots, leaf.geo, c.begin, c.end, tmp.data());
+  });
+  return ffi::Error::Success();
+}
+
 // A streaming kernel for measuring memory bandwidth (benchmarks only): every
 // output buffer x_i (aliased to its input) becomes a·x_i + y, for one
 // read-only y. With one x it is the classic in-place triad (12 bytes per
@@ -556,7 +797,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BjStreamF32, Stream,
                                   .RemainingRets()
                                   .Attr<float>("a"));
 
-// Each rule's two handlers: Bj<Name>UpdateF32 and Bj<Name>StepF32.
+// Each rule's handlers: Bj<Name>UpdateF32, Bj<Name>StepF32 and Bj<Name>UpdateQ8.
 #define BJ_REGISTER_RULE(NAME, RULE)                                          \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(Bj##NAME##UpdateF32, Update<RULE>,            \
                                 ffi::Ffi::Bind()                              \
@@ -571,7 +812,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BjStreamF32, Stream,
                                     .Arg<ffi::Buffer<ffi::F32>>()             \
                                     .RemainingArgs()                          \
                                     .RemainingRets()                          \
-                                    .Attr<ffi::Span<const int64_t>>("decay"));
+                                    .Attr<ffi::Span<const int64_t>>("decay"));   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(Bj##NAME##UpdateQ8, UpdateQ8<RULE>,            \
+                                ffi::Ffi::Bind()                              \
+                                    .Ctx<ffi::ThreadPool>()                   \
+                                    .Arg<ffi::Buffer<ffi::F32>>()             \
+                                    .Arg<ffi::Buffer<ffi::F32>>()             \
+                                    .Arg<ffi::Buffer<ffi::F32>>()             \
+                                    .Arg<ffi::Buffer<ffi::S32>>()             \
+                                    .RemainingArgs()                          \
+                                    .RemainingRets()                          \
+                                    .Attr<ffi::Span<const int64_t>>("last")   \
+                                    .Attr<int64_t>("top_min"));
 
 BJ_REGISTER_RULE(Adam, Adam)
 BJ_REGISTER_RULE(Amsgrad, Amsgrad)
@@ -579,7 +831,7 @@ BJ_REGISTER_RULE(Sigma, SigmaPlain)
 BJ_REGISTER_RULE(SigmaMomentum, SigmaMomentum)
 
 // Lets the loader check that the library matches the Python side.
-extern "C" int bj_native_abi_version() { return 4; }
+extern "C" int bj_native_abi_version() { return 5; }
 
 // The instruction-set copy in use ("avx512", "avx2" or "baseline").
 extern "C" const char* bj_native_isa() { return Active().name; }

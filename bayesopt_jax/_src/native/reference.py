@@ -165,3 +165,56 @@ def check_leaf(i, rule, sc, fw, ps, gs, states, new, new_ps, stepped, decay):
             if why is not None:
                 return why
     return None
+
+
+def stored(x: np.ndarray, values: np.ndarray, mids: np.ndarray, block: int):
+    """NumPy transcription of the 8-bit encoder (float32 arithmetic, as the kernels do it).
+
+    ``values`` and ``mids`` are one row of the kernels' tables. Returns the
+    indices into ``values``, the scales and the decoded float32 values.
+    """
+    n = x.shape[-1]
+    blocks = -(-n // block)
+    run = -(-n // blocks)
+    pad = np.pad(x.astype(F32), [(0, 0)] * (x.ndim - 1) + [(0, blocks * run - n)])
+    xb = pad.reshape(*x.shape[:-1], blocks, run)
+    scale = ((xb.view(np.uint32) & np.uint32(0x7FFFFFFF)).max(-1)).view(F32)
+    with np.errstate(all="ignore"):
+        inverse = F32(1) / np.where(scale > 0, scale, F32(1))
+        index = np.searchsorted(mids[:-1], xb * inverse[..., None], side="left")
+    index = np.where(np.isfinite(scale)[..., None], index, 0)
+    with np.errstate(all="ignore"):
+        dec = values[index] * scale[..., None]
+    trim = lambda a: a.reshape(*x.shape[:-1], -1)[..., :n]  # noqa: E731
+    return trim(index), scale, trim(dec)
+
+
+def check_stored_leaf(i, rule, sc, gs, decoded, us, new, encoded) -> str | None:
+    """Leaf ``i`` of the 8-bit kernel's results; what differs, or None.
+
+    ``decoded``: the float32 values its stored state stood for; ``us`` and
+    ``new``: the kernel's updates and new state as ``(indices, scales)``;
+    ``encoded``: the float32 kernel's new state on ``decoded``, encoded by
+    :func:`stored`. The rule is the same compiled arithmetic in both
+    kernels and decoding and encoding are exact or correctly rounded, so the
+    codes and scales must be equal; the updates follow the transcription as
+    the float32 kernel's state does.
+    """
+    fn, signed = RULES[rule], SIGNED[rule]
+    sc64 = [float(x) for x in sc]
+    args = [np.asarray(st[i], np.float64) for st in decoded]
+    g = np.asarray(gs[i], np.float64)
+    with np.errstate(all="ignore"):
+        want = fn(sc64, g, *args)
+        mags = fn(sc64, np.abs(g), *[np.abs(a) if j in signed else a for j, a in enumerate(args)])
+        why = _mismatch(f"{rule} 8-bit update", us[i], want[0], mags[0])
+    if why is not None:
+        return why
+    for j in range(len(decoded)):
+        (index, scale), (ref_index, ref_scale) = new[j][i], encoded[j][i]
+        same_scales = np.array_equal(
+            np.asarray(scale, F32).view(np.uint32), np.asarray(ref_scale, F32).view(np.uint32)
+        )
+        if not same_scales or not np.array_equal(index, ref_index):
+            return f"the {rule} 8-bit kernel stores other codes or scales than the encoder"
+    return None

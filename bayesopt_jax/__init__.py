@@ -35,6 +35,7 @@ from bayesopt_jax._src.packing import Packed, pack, unpack
 from bayesopt_jax._src.parallel import cross_replica_mean, state_shardings
 from bayesopt_jax._src.posterior import (
     calibrate_posterior_scale,
+    curvature_report,
     laplace_scale,
     posterior_variance,
     sample_posterior,
@@ -89,6 +90,7 @@ __all__ = [
     "bias_correction",
     "calibrate_posterior_scale",
     "cross_replica_mean",
+    "curvature_report",
     "fused_step",
     "kahan_summation",
     "laplace_scale",

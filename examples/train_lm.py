@@ -246,7 +246,12 @@ def make_optimizer(name: str, args, num_data: int, tokens_per_step: int):
         return optax.chain(
             clip,
             bj.variational_sigma_filter(
-                args.lr, num_data, tokens_per_step, key=args.seed, beta=args.b2, **st
+                args.lr,
+                num_data=num_data,
+                batch_size=tokens_per_step,
+                key=args.seed,
+                beta=args.b2,
+                **st,
             ),
             after,
         )

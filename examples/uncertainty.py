@@ -158,8 +158,13 @@ def train(tx, params, xtr, ytr, args, *, at_samples):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--eta", type=float, default=1e-2, help="the σ-filter's η")
-    ap.add_argument("--prior-precision", type=float, default=0.5, help="δ, per example")
+    ap.add_argument("--eta", type=float, default=None, help="the σ-filter's η (default: its own)")
+    ap.add_argument(
+        "--prior-precision", type=float, default=None, help="δ per example (default: its own)"
+    )
+    ap.add_argument(
+        "--learned-prior", action="store_true", help="learn δ per array (empirical Bayes)"
+    )
     ap.add_argument("--adam-lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--samples", type=int, default=32)
@@ -175,12 +180,13 @@ def main(argv=None):
     noise = jnp.asarray(rng.uniform(0, 1, size=(500, 64)), jnp.float32)
 
     adam_params, _ = train(optax.adam(args.adam_lr), init, xtr, ytr, args, at_samples=False)
+    chosen = {} if args.eta is None else {"eta": args.eta}
+    if args.learned_prior:
+        chosen["prior_precision"] = None
+    elif args.prior_precision is not None:
+        chosen["prior_precision"] = args.prior_precision
     tx = bj.variational_sigma_filter(
-        args.eta,
-        num_data=len(xtr),
-        batch_size=args.batch_size,
-        key=args.seed,
-        prior_precision=args.prior_precision,
+        num_data=len(xtr), batch_size=args.batch_size, key=args.seed, **chosen
     )
     params, state = train(tx, init, xtr, ytr, args, at_samples=True)
     draws = bj.sample_posterior(jax.random.key(args.seed + 1), params, state, args.samples)

@@ -41,15 +41,20 @@ def test_bench_harness_smoke(tmp_path):
             assert abs(c["vs_optax_adam"] - c["s"] / cells["optax.adam"]["s"]) < 1e-12
 
 
-def test_uncertainty_compare_smoke(tmp_path):
-    """The comparison harness end to end on digits (JAX methods; IVON when installed)."""
-    pytest.importorskip("sklearn")
+def _uncertainty_compare():
     spec = importlib.util.spec_from_file_location(
         "uncertainty_compare", ROOT / "benchmarks" / "uncertainty_compare.py"
     )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    methods = ["adam", "vsf-default", "sf"]
+    return mod
+
+
+def test_uncertainty_compare_smoke(tmp_path):
+    """The comparison harness end to end on the table task (JAX methods; IVON when installed)."""
+    pytest.importorskip("sklearn")
+    mod = _uncertainty_compare()
+    methods = ["adam", "vsf"]
     try:
         import ivon  # noqa: F401
 
@@ -57,10 +62,10 @@ def test_uncertainty_compare_smoke(tmp_path):
     except ImportError:
         pass
     report = mod.main(
-        ["--data", "digits", "--seeds", "2", "--epochs", "2", "--samples", "4", "--no-tune",
+        ["--tasks", "cancer", "--seeds", "2", "--epochs", "2", "--samples", "4",
          "--methods", *methods, "--out", str(tmp_path)]
     )  # fmt: skip
-    rows = report["digits"]["per_seed"]
+    rows = report["cancer"]["per_seed"]
     assert set(rows) == {"adam/mean"} | {
         f"{m}/{p}" for m in methods[1:] for p in ("mean", "average")
     }
@@ -68,16 +73,44 @@ def test_uncertainty_compare_smoke(tmp_path):
         assert len(per_seed) == 2
         for r in per_seed:
             assert np.isfinite(r["nll"]) and all(
-                0 <= r[k] <= 1 for k in ("acc", "ece", "auroc_noise")
+                0 <= r[k] <= 1 for k in ("acc", "ece", "auroc_noise", "auroc_scaled")
             )
-    assert set(report["digits"]["paired"]) == set(methods[1:])
+    assert set(report["cancer"]["paired"]) == set(methods[1:])
+    curv = report["cancer"]["curvature"]["per_seed"]
+    assert len(curv) == 2 and set(curv[0]["at_mean"]) == {
+        f"['l{i}']['{k}']" for i in range(3) for k in "bw"
+    }
     assert (tmp_path / "results.json").exists()
+
+
+def test_auroc_and_ggn_diagonal_against_their_definitions(x64):
+    """The harness's AUROC and its exact GGN diagonal, each against a direct construction."""
+    mod = _uncertainty_compare()
     # The AUROC is the Mann-Whitney statistic: check it against its definition.
     # Both sides sum 2000 terms in [0, 1] in float64: within 2000·2⁻⁵³ < 1e-12.
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=50), rng.normal(0.5, 1, size=40)
     want = np.mean((b[None, :] > a[:, None]) + 0.5 * (b[None, :] == a[:, None]))
     assert abs(mod.auroc(a, b) - want) <= 1e-12
+    # GGN diagonal: Σ_i diag(J_iᵀ (diag p_i − p_i p_iᵀ) J_i), here from the full
+    # Jacobian of all logits over the raveled parameters and the softmax
+    # cross-entropy's Hessian in the logits (jax.hessian), in float64.
+    import jax
+    import jax.flatten_util
+
+    params = mod.init_params(("mlp", (5, 4, 3)), 0)
+    x = rng.normal(size=(7, 5))
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    jac = jax.jacobian(lambda f: mod.logits_fn(unravel(f), x))(flat)  # (7, 3, P)
+    z = mod.logits_fn(params, x)
+    total = np.zeros(flat.size)
+    for i in range(len(x)):
+        lam = jax.hessian(lambda zi: -jax.nn.log_softmax(zi)[0])(z[i])  # any label: same Λ
+        total += np.diag(np.asarray(jac[i].T @ lam @ jac[i]))
+    got = np.asarray(jax.flatten_util.ravel_pytree(mod.ggn_diagonal(params, x, chunk=3))[0])
+    # Both sum a handful of float64 products of O(1) terms: agreement to 1e-12 of
+    # the largest entry is ~1e4 roundings; a dropped −(Σ p J)² term is O(1).
+    assert np.max(np.abs(got - total)) <= 1e-12 * np.max(total), (got, total)
 
 
 def test_hlo_audit_reads_the_compiled_step(tmp_path):

@@ -25,13 +25,30 @@ def test_train_digits_smoke(tmp_path):
     pytest.importorskip("flax")
     pytest.importorskip("sklearn")
     mod = _load("train_digits")
-    names = list(mod.optimizer_zoo(3e-3))
-    results = mod.main(["--epochs", "2", "--hidden", "32", "--no-progress", "--out", str(tmp_path)])
+    names = list(mod.optimizer_zoo(3e-3, num_data=1000))
+    assert names[-1] == "variational_sigma_filter"
+    results = mod.main(
+        [
+            "--epochs",
+            "2",
+            "--hidden",
+            "32",
+            "--samples",
+            "4",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert [r["optimizer"] for r in results] == names
     for r in results:
         # Two epochs must already beat chance (10 classes) by a wide margin.
         assert r["test_accuracy"] > 0.5, r
         assert r["epoch_losses"][-1] < r["epoch_losses"][0]
+        assert 0 <= r["ood_auroc"] <= 1
+    average = results[-1]["average"]  # the posterior's model average, beside its mean
+    assert average["test_accuracy"] > 0.5 and 0 <= average["ood_auroc"] <= 1
+    assert np.isfinite(average["test_nll"])
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
     assert (tmp_path / "results.json").exists()
 

@@ -238,7 +238,7 @@ def test_sigma_filter_on_stored_state_is_the_rule_on_decoded_state():
     )
 
 
-@pytest.mark.parametrize("curvature", ["evidence", "reparam"])
+@pytest.mark.parametrize("curvature", ["variance", "evidence", "reparam"])
 def test_variational_filter_on_stored_state_is_its_rule_on_decoded_state(curvature):
     """The variational σ-filter with m, s, σ in 8 bits: every step, draw and
     variance is the float32 filter's on the decoded buffers."""
@@ -277,10 +277,18 @@ def test_variational_filter_on_stored_state_is_its_rule_on_decoded_state(curvatu
                 )
         if curvature == "reparam":
             _same(state.hess, new32.hess)
-    # m, s, σ in 8 bits (+ the reparam buffer in float32): bytes per parameter.
+        elif curvature == "variance":
+            for k in params:
+                np.testing.assert_array_equal(
+                    _index(state.hess[k]), _index(quantize.reencode(new32.hess[k], state.hess[k]))
+                )
+    # m, s, σ (and the variance curvature) in 8 bits, the reparam buffer in float32.
     n = sum(p.size for p in jax.tree.leaves(params))
     per_param = sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim) / n
-    assert per_param <= 3 * (1 + 4 / 32) + (4 if curvature == "reparam" else 0) + 0.01
+    fixed = (state.key.nbytes + state.prior_precision.nbytes) / n  # one key, one δ per leaf
+    stored = {"variance": 4, "evidence": 3, "reparam": 3}[curvature]
+    extra = 4 if curvature == "reparam" else 0
+    assert per_param <= stored * (1 + 4 / 32) + extra + fixed + 1e-9
 
 
 def test_two_moments_cost_about_two_bytes_per_parameter():
@@ -506,7 +514,7 @@ def _memory_chains():
             bj.adam(1e-2, mu_dtype=fmt, nu_dtype=fmt), bj.stochastic_rounding(5)
         ),
         "variational_8bit": bj.variational_sigma_filter(
-            1e-2, 1000, 10, mu_dtype=fmt, nu_dtype=fmt, sigma_dtype=fmt
+            1e-2, num_data=1000, batch_size=10, mu_dtype=fmt, nu_dtype=fmt, sigma_dtype=fmt
         ),
     }
 

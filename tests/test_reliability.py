@@ -195,7 +195,7 @@ def _buffers(state):
 
     def strip(x):
         if isinstance(x, bj.ScaleByVariationalSigmaFilterState):
-            return x._replace(num_data=None, prior_precision=None, evidence_scale=None)
+            return x._replace(num_data=None, prior_precision=None, curvature_scale=None)
         return x
 
     is_state = lambda x: isinstance(x, bj.ScaleByVariationalSigmaFilterState)  # noqa: E731

@@ -22,6 +22,11 @@ def _tx(**kw):
     return bj.scale_by_variational_sigma_filter(1e-2, **{**args, **kw})
 
 
+def _previous_mean(m, t, b1, unit_like):
+    """m̂_{t-1} = m_{t-1} / (1 - b1^(t-1)), 0 before the first step."""
+    return m * 0.0 if t == 1 else m / (1 - power(b1, t - 1, unit_like))
+
+
 def _evidence_variance(grads, beta, unit_like):
     """v_t = 1/(N (B ŝ_t + δ)) after the gradients, transcribed in float64."""
     s = 0.0
@@ -35,7 +40,7 @@ def _evidence_variance(grads, beta, unit_like):
 @pytest.mark.parametrize("beta", [0.999, 0.9])
 def test_sampled_variance_matches_formula_float64(x64, rng, beta):
     grads = grad_stream(rng, steps=25)
-    tx = _tx(beta=beta)
+    tx = _tx(beta=beta, curvature="evidence")
     state = tx.init(jnp.zeros(5))
     v0 = np.asarray(bj.posterior_variance(state))
     check(v0, 1 / (N * (track(np.zeros(5)) + DELTA)), "prior before any evidence")
@@ -49,20 +54,88 @@ def test_sampled_variance_matches_formula_float64(x64, rng, beta):
     assert rejects(got, want * (1 + 1e-9))
 
 
-def test_reparam_curvature_matches_formula_float64(x64, rng):
-    gam, h0 = 0.9, 0.2
+@pytest.mark.parametrize("curvature", ["variance", "reparam"])
+def test_curvature_matches_formula_float64(x64, rng, curvature):
+    """The default gradient-variance curvature and the reparameterisation one, transcribed.
+
+    variance: h = B·r/(1−γ^t)/(1 + (1−b1)/(1+b1)), r the EMA of (g − m̂_{t−1})²;
+    reparam:  h = max(r/(1−γ^t), 0), r the EMA of ε(g − m̂_{t−1})/√v_{t−1}.
+    """
+    gam, b1 = 0.9, 0.9
     grads = grad_stream(rng, steps=15)
-    tx = _tx(curvature="reparam", hess_decay=gam, hess_init=h0)
+    tx = _tx(curvature=curvature, hess_decay=gam, b1=b1)
     state = tx.init(jnp.zeros(5))
-    h = track(np.full(5, h0))
-    for g in grads:
-        eps = np.asarray(variational.noise_tree(state))
-        v = 1 / (N * (h + DELTA))
-        h_hat = track(eps) * track(g) / np.sqrt(v)
-        h = gam * h + (1 - gam) * h_hat + 0.5 * (1 - gam) ** 2 * (h - h_hat) ** 2 / (h + DELTA)
+    unit = track(np.ones(5))
+    r = track(np.zeros(5))
+    m = track(np.zeros(5))
+    h = track(np.zeros(5))
+    for t, g in enumerate(grads, start=1):
+        gt = track(g)
+        diff = gt - _previous_mean(m, t, b1, unit)
+        if curvature == "variance":
+            x = diff * diff
+        else:
+            eps = track(np.asarray(variational.noise_tree(state)))
+            x = eps * diff / np.sqrt(1 / (N * (h + DELTA)))
+        r = gam * r + (1 - gam) * x
+        m = b1 * m + (1 - b1) * gt
+        h = r / (1 - power(gam, t, unit))
+        if curvature == "variance":
+            h = h * (B / (1 + (1 - b1) / (1 + b1)))
+        else:
+            h = np.maximum(h, 0.0 * unit)
         _, state = tx.update(jnp.asarray(g), state)
-        check(np.asarray(state.hess), h, "h")
-    check(np.asarray(bj.posterior_variance(state)), 1 / (N * (h + DELTA)), "v")
+        check(np.asarray(state.hess), r, "r")
+        check(np.asarray(variational.curvature_tree(state)), h, "h")
+    got = np.asarray(bj.posterior_variance(state))
+    want = 1 / (N * (h + DELTA))
+    check(got, want, "v")
+    assert rejects(got, want * (1 + 1e-9))
+
+
+def test_empirical_bayes_prior_float64(x64, rng):
+    """prior_precision=None: δ₀ from the initial scale, then the evidence fixed point.
+
+    One step is N·δ_new = P / Σ(θ̄² + v) with v = 1/(N(h + δ)) (MacKay, 1992); with
+    h and θ̄ held fixed, iterating it converges to the root of
+    α·(Σθ̄² + Σ 1/(N h + α)) = P, found independently by bisection.
+    """
+    from scipy.optimize import brentq
+
+    params = {"w": jnp.asarray(rng.normal(size=(4, 5)) * 0.3), "b": jnp.zeros(5)}
+    tx = bj.scale_by_variational_sigma_filter(num_data=N, batch_size=B, prior_precision=None)
+    state = tx.init(params)
+    w = np.asarray(params["w"])
+    d0 = np.asarray(state.prior_precision)  # leaves in order: b, w
+    pooled = 25 / (w**2).sum()
+    check(d0, track(np.array([pooled, 20 / (w**2).sum()])) / N, "δ₀")
+    with pytest.raises(ValueError, match="params"):
+        tx.update(jax.tree.map(jnp.ones_like, params), state)
+    params["b"] = jnp.asarray(rng.normal(size=5) * 0.1)  # an all-zero leaf has no finite root
+    h = {"b": np.abs(rng.normal(size=5)), "w": np.abs(rng.normal(size=(4, 5)))}
+    h["w"][0] = 0.0  # no data: the prior alone
+    delta = np.asarray(d0, np.float64)
+    for step in range(400):
+        new = variational.empirical_bayes_prior(
+            params, jax.tree.map(jnp.asarray, h), jnp.asarray(delta), N
+        )
+        for i, k in enumerate(("b", "w") if step < 3 else ()):
+            theta = track(np.asarray(params[k]))
+            terms = theta * theta + 1 / (N * (track(h[k]) + track(delta[i])))
+            total = terms[(0,) * theta.value.ndim]
+            for idx in list(np.ndindex(theta.shape))[1:]:  # any order: positive terms
+                total = total + terms[idx]
+            check(np.asarray(new)[i], theta.value.size / (N * total), f"one step, {k}")
+        delta = np.asarray(new)
+    for i, k in enumerate(("b", "w")):
+        theta, hk = np.asarray(params[k]), h[k]
+
+        def balance(a, theta=theta, hk=hk):
+            return a * ((theta**2).sum() + (1 / (N * hk + a)).sum()) - theta.size
+
+        root = brentq(balance, 1e-6, 1e9, xtol=1e-14, rtol=1e-14)
+        # contraction factor per step < 1 at the root; 400 steps leave < 1e-8 relative
+        assert abs(N * delta[i] / root - 1) < 1e-8, (k, N * delta[i], root)
 
 
 def test_mean_step_is_the_sigma_filter_and_infinite_data_is_no_noise(rng):
@@ -73,7 +146,7 @@ def test_mean_step_is_the_sigma_filter_and_infinite_data_is_no_noise(rng):
     """
     grads = grad_stream(rng, steps=20, dtype=np.float32)
     params = jnp.array([-1.0, -0.5, 0.25, 0.5, 1.0])  # nonzero: √v·ε ≈ 3e-15 is below half an ulp
-    vtx = bj.variational_sigma_filter(1e-2, N, B, key=3)
+    vtx = bj.variational_sigma_filter(1e-2, num_data=N, batch_size=B, key=3)
     ftx = bj.sigma_filter(1e-2, b1=0.9)
     vs, fs = vtx.init(params), ftx.init(params)
     for g in grads:
@@ -81,7 +154,7 @@ def test_mean_step_is_the_sigma_filter_and_infinite_data_is_no_noise(rng):
         with native.pure_jax():
             uf, fs = ftx.update(jnp.asarray(g), fs, params)
         np.testing.assert_array_equal(np.asarray(uv), np.asarray(uf))
-    huge = bj.variational_sigma_filter(1e-2, 1e30, B, key=3)
+    huge = bj.variational_sigma_filter(1e-2, num_data=1e30, batch_size=B, key=3)
     s = huge.init(params)
     np.testing.assert_array_equal(np.asarray(bj.training_sample(params, s)), np.asarray(params))
 
@@ -89,7 +162,7 @@ def test_mean_step_is_the_sigma_filter_and_infinite_data_is_no_noise(rng):
 def test_noise_statistics():
     """(θ̃ − θ̄)/√v is standard normal and fresh every step."""
     params = {"a": jnp.zeros((300, 200)), "b": jnp.ones(40_000)}
-    tx = bj.variational_sigma_filter(1e-2, N, B, key=11)
+    tx = bj.variational_sigma_filter(1e-2, num_data=N, batch_size=B, key=11)
     state = tx.init(params)
     z_prev = None
     for _ in range(3):
@@ -120,7 +193,7 @@ def test_keys_same_key_same_sample_and_checkpoint_resumes(tmp_path):
     grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
 
     def run(key, steps):
-        tx = bj.variational_sigma_filter(1e-2, N, B, key=key)
+        tx = bj.variational_sigma_filter(1e-2, num_data=N, batch_size=B, key=key)
         s = tx.init(params)
         for _ in range(steps):
             _, s = tx.update(grads, s, params)
@@ -174,7 +247,7 @@ def _loss(p, x, y):
 def test_pmap_replicas_draw_the_same_sample_and_stay_identical(rng):
     n_dev = 8
     params = {"w": jnp.asarray(rng.normal(size=(4, 6)), jnp.float32), "v": jnp.ones(6)}
-    tx = bj.variational_sigma_filter(1e-2, 64, 8, key=1)
+    tx = bj.variational_sigma_filter(1e-2, num_data=64, batch_size=8, key=1)
     p = jax.tree.map(lambda a: jnp.broadcast_to(a, (n_dev, *a.shape)), params)
     s = jax.pmap(tx.init)(p)
     step = jax.pmap(_step_fn(tx, _loss, "i"), axis_name="i")
@@ -201,7 +274,7 @@ def test_sharded_jit_sample_does_not_depend_on_layout(rng):
     placed = jax.tree.map(
         lambda a, spec: jax.device_put(a, jax.sharding.NamedSharding(mesh, spec)), params, shard
     )
-    tx = bj.variational_sigma_filter(1e-2, 64, 8, key=2)
+    tx = bj.variational_sigma_filter(1e-2, num_data=64, batch_size=8, key=2)
     s_placed = jax.jit(tx.init)(placed)
     x = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
     y = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
@@ -233,7 +306,7 @@ def test_sharded_jit_sample_does_not_depend_on_layout(rng):
 )
 def test_found_through_wrappers(wrap):
     params = {"w": jnp.ones(3), "b": jnp.ones(2)}
-    tx = wrap(bj.variational_sigma_filter(1e-2, N, B, key=0))
+    tx = wrap(bj.variational_sigma_filter(1e-2, num_data=N, batch_size=B, key=0))
     state = tx.init(params)
     grads = {"w": jnp.full(3, 0.5), "b": jnp.full(2, 0.25)}
     for _ in range(2):
@@ -255,7 +328,7 @@ def test_bad_arguments_name_the_argument():
     for kwargs, arg in [
         (dict(num_data=0, batch_size=1), "num_data"),
         (dict(num_data=10, batch_size=0), "batch_size"),
-        (dict(num_data=10), "batch_size"),
+        (dict(num_data=10, batch_size=None), "batch_size"),
         (dict(num_data=10, batch_size=1, prior_precision=0.0), "prior_precision"),
         (dict(num_data=10, batch_size=1, curvature="hessian"), "curvature"),
         (dict(num_data=10, batch_size=1, hess_decay=1.0), "hess_decay"),
@@ -264,14 +337,18 @@ def test_bad_arguments_name_the_argument():
     ]:
         with pytest.raises(ValueError, match=arg):
             f(1e-2, **kwargs)
-    f(1e-2, 10, curvature="reparam")  # no batch size needed there
+    f(1e-2, num_data=10, batch_size=None, curvature="reparam")  # no batch size needed there
+    with pytest.raises(TypeError, match="num_data"):
+        f()  # the one argument without a default
     plain = bj.sigma_filter(1e-2)
     with pytest.raises(ValueError, match="variational_sigma_filter"):
         bj.training_sample(jnp.zeros(2), plain.init(jnp.zeros(2)))
     with pytest.raises(ValueError, match="scale=1"):
-        bj.laplace_scale(f(1e-2, 10, 1).init(jnp.zeros(2)), 10, 1, prior_precision=1.0)
+        bj.laplace_scale(
+            f(1e-2, num_data=10, batch_size=1).init(jnp.zeros(2)), 10, 1, prior_precision=1.0
+        )
     with pytest.raises(ValueError, match="real floating"):
-        f(1e-2, 10, 1).init(jnp.zeros(2, jnp.complex64))
+        f(1e-2, num_data=10, batch_size=1).init(jnp.zeros(2, jnp.complex64))
 
 
 def test_nnx_helper_equals_the_plain_loop():
@@ -305,6 +382,37 @@ def test_nnx_helper_equals_the_plain_loop():
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     np.testing.assert_array_equal(np.asarray(model.kernel[...]), np.asarray(params["kernel"]))
     np.testing.assert_array_equal(np.asarray(model.bias[...]), np.asarray(params["bias"]))
+
+
+_N, _D, _B, _TAU = 200, 3, 10, 0.5
+
+
+def _regression():
+    """N = 200 examples, 3 features of scales 0.5, 1, 2, noise sd τ = 0.5: X, y, H, θ⋆, F."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(_N, _D)) * np.array([0.5, 1.0, 2.0])
+    y = X @ np.array([1.0, -2.0, 0.5]) + _TAU * rng.normal(size=_N)
+    H = X.T @ X / (_N * _TAU**2)
+    mle = np.linalg.solve(X.T @ X, X.T @ y)
+    per_example = X * (y - X @ mle)[:, None] / _TAU**2
+    return X, y, H, mle, per_example.T @ per_example / _N
+
+
+def _train(tx, p0, steps, record):
+    """``steps`` variational steps on batches of B drawn with replacement; ``record(state)`` per step."""
+    X, y = (jnp.asarray(a) for a in _regression()[:2])
+    idx = jnp.asarray(np.random.default_rng(1).integers(0, _N, size=(steps, _B)))
+
+    def loss(th, i):
+        return jnp.mean((y[i] - X[i] @ th) ** 2) / (2 * _TAU**2)
+
+    def body(carry, i):
+        p, s = carry
+        g = jax.grad(loss)(bj.training_sample(p, s), i)
+        u, s = tx.update(g, s, p)
+        return (p - u, s), record(s)
+
+    return jax.jit(lambda c: jax.lax.scan(body, c, idx))((p0, tx.init(p0)))
 
 
 def test_bayesian_linear_regression_posterior(x64):
@@ -342,32 +450,15 @@ def test_bayesian_linear_regression_posterior(x64):
     """
     from scipy.linalg import solve_discrete_lyapunov
 
-    n, d, b, tau, delta, eta, steps, beta = 200, 3, 10, 0.5, 1e-4, 5e-5, 120_000, 0.999
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(n, d)) * np.array([0.5, 1.0, 2.0])
-    y = X @ np.array([1.0, -2.0, 0.5]) + tau * rng.normal(size=n)
+    delta, eta, steps, beta = 1e-4, 5e-5, 120_000, 0.999
+    n, d, b, tau = _N, _D, _B, _TAU
+    X, y, H, mle, F = _regression()
     A = X.T @ X / tau**2 + n * delta * np.eye(d)
     mu = np.linalg.solve(A, X.T @ y / tau**2)
-    H = X.T @ X / (n * tau**2)
-    mle = np.linalg.solve(X.T @ X, X.T @ y)
-    per_example = X * (y - X @ mle)[:, None] / tau**2
-    F = per_example.T @ per_example / n
-
-    tx = bj.scale_by_variational_sigma_filter(eta, n, b, key=0, prior_precision=delta, b1=0.0)
-    idx = jnp.asarray(np.random.default_rng(1).integers(0, n, size=(steps, b)))
-    Xj, yj = jnp.asarray(X), jnp.asarray(y)
-
-    def loss(th, i):
-        return jnp.mean((yj[i] - Xj[i] @ th) ** 2) / (2 * tau**2)
-
-    def body(carry, i):
-        p, s = carry
-        g = jax.grad(loss)(bj.training_sample(p, s), i)
-        u, s = tx.update(g, s, p)
-        return (p + u * -1.0, s), s.sigma
-
-    p0 = jnp.zeros(d)
-    (p, state), sigmas = jax.jit(lambda c: jax.lax.scan(body, c, idx))((p0, tx.init(p0)))
+    tx = bj.scale_by_variational_sigma_filter(
+        eta, num_data=n, batch_size=b, key=0, prior_precision=delta, b1=0.0, curvature="evidence"
+    )
+    (p, state), sigmas = _train(tx, jnp.zeros(d), steps, lambda s: s.sigma)
     p, v = np.asarray(p), np.asarray(bj.posterior_variance(state))
 
     V = np.diag(v)
@@ -393,3 +484,90 @@ def test_bayesian_linear_regression_posterior(x64):
     # mean is the posterior mean to within it (a wrong mean, e.g. the prior's
     # pull missing or doubled with δ = 1, would be off by many of these).
     assert np.all(allowed <= 0.6 * np.sqrt(exact)), (allowed, np.sqrt(exact))
+
+
+def test_bayesian_linear_regression_default_curvature(x64):
+    r"""The default estimator on a linear-Gaussian model: its curvature and posterior variance.
+
+    Same data as above, every argument at its default but η (small, so that
+    the mean sits at the maximum-likelihood estimate θ⋆ and the gradients'
+    statistics are those at θ⋆). Prior δ = 1 per example (the default): the
+    exact posterior precision is :math:`A = X^\top X/\tau^2 + N I`.
+
+    **Curvature.** The default curvature is
+    :math:`h = B\,\mathrm{EMA}[(g_t - \hat m_{t-1})^2] / (1 + (1-b_1)/(1+b_1))`.
+    With :math:`\hat m_{t-1}` an EMA of earlier, independent gradients, the
+    expected square is :math:`\operatorname{diag}Q\,(1 + (1-b_1)/(1+b_1))` with
+    :math:`Q = F/B + HVH` the covariance of a batch-mean gradient at the draws
+    (batches drawn with replacement: exactly F/B from the data, F the
+    per-example gradient covariance at θ⋆; HVH from the draw). So
+    :math:`E[h] = F_{jj} + B (HVH)_{jj}`. We compare its time average over the
+    last T = 100 000 steps: the squares have relative variance ≤ 2.6 (2 for a
+    Gaussian, plus the excess kurtosis of a mean of B products of Gaussians,
+    ≤ 6/B) and are correlated over at most twice the momentum's memory, so
+    the average's relative standard deviation is ≤ √(2.6·2/T) = 0.0072; we
+    allow 5 of them (3.6%). That rejects a missing batch size (×10) and a
+    missing momentum correction (5.3%).
+
+    **Posterior.** For this well-specified model F ≈ H (the Hessian of the
+    per-example loss), so the sampled variance is within the F/H gap (and the
+    B·HVH term) of the exact posterior's diagonal 1/A_jj; the data share
+    H/(H + δ) that :func:`bayesopt_jax.curvature_report` gives is reported.
+    """
+    eta, steps, burn = 5e-5, 120_000, 20_000
+    n, d, b = _N, _D, _B
+    _, _, H, mle, F = _regression()
+    delta = variational.DEFAULT_PRIOR_PRECISION
+    A = n * H + n * delta * np.eye(d)
+    tx = bj.scale_by_variational_sigma_filter(eta, num_data=n, batch_size=b, key=0)
+
+    def record(s):
+        return variational.curvature_tree(s), bj.posterior_variance(s)
+
+    # start at θ⋆: no transient in the mean
+    (_, state), (hs, vs) = _train(tx, jnp.asarray(mle), steps, record)
+    h_avg = np.asarray(hs)[burn:].mean(0)
+    v_avg = np.asarray(vs)[burn:].mean(0)
+    want = np.diag(F) + b * np.diag(H @ np.diag(v_avg) @ H)
+    assert np.all(np.abs(h_avg / want - 1) <= 5 * np.sqrt(2.6 * 2 / (steps - burn))), (h_avg, want)
+    assert not np.all(np.abs(h_avg * (1 + 0.1 / 1.9) / want - 1) <= 0.036)  # the bound's power
+
+    exact = 1 / np.diag(A)
+    v_star = 1 / (n * (want + delta))
+    report = bj.curvature_report(state, n * np.diag(H))
+    share = report[""]["data_share"]
+    assert np.all(np.abs(v_avg / exact - 1) <= np.abs(v_star / exact - 1) + 0.036), (
+        v_avg,
+        exact,
+        f"data share of the precision: {share:.2f}",
+    )
+    # the data supply half or more of the precision here, and the rank order is exact
+    print(f"h/want {h_avg / want}, v/exact {v_avg / exact}, data share {share:.2f}")
+    assert 0.5 <= share <= 1, share
+    assert report[""]["rank_correlation"] == 1.0
+
+
+def test_curvature_report_against_scipy(rng):
+    """Rank correlation (with ties) against scipy's Spearman; ratios from 1/v − Nδ."""
+    from scipy.stats import spearmanr
+
+    params = {"w": jnp.zeros((6, 7)), "b": jnp.zeros(3)}
+    tx = bj.variational_sigma_filter(num_data=50, batch_size=5, key=0)
+    state = tx.init(params)
+    for _ in range(4):
+        g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+        _, state = tx.update(g, state, params)
+    ref = {"w": np.round(rng.gamma(1.0, size=(6, 7)), 1), "b": np.array([0.0, 2.0, 1.0])}
+    ref["w"][0] = 0.0  # ties and zeros
+    report = bj.curvature_report(state, ref)
+    v = bj.posterior_variance(state)
+    for k in params:
+        prec = 1 / np.asarray(v[k], np.float64)
+        r = report[f"['{k}']"]
+        assert abs(r["rank_correlation"] - spearmanr(prec.ravel(), ref[k].ravel())[0]) <= 1e-12
+        data = prec - r["prior_precision"]  # N h, by another route than the report's
+        pos = ref[k] > 0
+        # 1/v in float32 then a float64 difference: relative 1e-6 of 1/v bounds both routes
+        tol = 1e-6 * np.max(prec[pos] / ref[k][pos])
+        assert abs(r["median_ratio"] - np.median(data[pos] / ref[k][pos])) <= tol
+        assert 0 <= r["data_share"] <= 1

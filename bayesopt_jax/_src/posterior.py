@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from bayesopt_jax._src import moments, quantize, validation, variational
@@ -320,3 +321,91 @@ def calibrate_posterior_scale(
         scores.append(jnp.sum(bma))
     scores = jnp.stack(scores)
     return candidates[int(jnp.argmax(scores))], scores
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of ``x``, ties given the mean of the ranks they span."""
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    ranks = np.empty(len(x), np.float64)
+    start = 0
+    for end in np.r_[np.flatnonzero(np.diff(xs) != 0) + 1, len(x)]:
+        ranks[order[start:end]] = 0.5 * (start + end - 1) + 1
+        start = end
+    return ranks
+
+
+def rank_correlation(a: Any, b: Any) -> float:
+    """Spearman's rank correlation of two equally long arrays (ties: mean ranks); NaN if constant."""
+    ra = _average_ranks(np.ravel(np.asarray(a, np.float64)))
+    rb = _average_ranks(np.ravel(np.asarray(b, np.float64)))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+def curvature_report(opt_state: PyTree, reference: PyTree) -> dict[str, dict[str, float]]:
+    r"""Holds the variational posterior's precision against a reference curvature, per leaf.
+
+    The precision of :func:`~bayesopt_jax.variational_sigma_filter`'s
+    posterior is :math:`1/v = N h + N\delta`: a data part N·h and a prior
+    part N·δ. Given a reference for the data part of the same parameters
+    (typically the exact diagonal of the generalised Gauss–Newton matrix of
+    the training loss summed over the training set, at the current mean),
+    this reports per leaf:
+
+    * ``rank_correlation``: Spearman's rank correlation of 1/v with the
+      reference;
+    * ``median_ratio``: the median of :math:`N h / \text{reference}` over the
+      entries where the reference is positive (1 is exact);
+    * ``data_share``: the median of :math:`N h / (N h + N\delta)`, how much of
+      the precision the data, rather than the prior, supply;
+    * ``prior_precision``: N·δ of the leaf;
+    * ``size``: its number of entries (a rank correlation of two entries
+      is ±1 whatever the estimate).
+
+    Args:
+      opt_state: a state holding one
+        :class:`~bayesopt_jax.ScaleByVariationalSigmaFilterState`.
+      reference: a tree like the parameters, non-negative.
+
+    Returns:
+      ``{leaf path: {name: value}}``, computed in float64 NumPy.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import bayesopt_jax as bj
+      >>> tx = bj.variational_sigma_filter(num_data=10, batch_size=2)
+      >>> s = tx.init({"w": jnp.zeros(3)})
+      >>> bj.curvature_report(s, {"w": jnp.array([1.0, 2.0, 3.0])})["['w']"]["data_share"]
+      0.0
+    """
+    state = _one_state(opt_state, "curvature_report")
+    if not isinstance(state, ScaleByVariationalSigmaFilterState):
+        raise ValueError(
+            "curvature_report: needs the state of bj.variational_sigma_filter "
+            "(its posterior has a data part and a prior part)."
+        )
+    n = float(state.num_data)
+    h = variational.curvature_tree(state)
+    delta = variational.prior_precision_tree(state)
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    paths = jax.tree_util.tree_flatten_with_path(h, is_leaf=is_masked)[0]
+    refs = jax.tree.structure(h, is_leaf=is_masked).flatten_up_to(reference)
+    deltas = jax.tree.structure(h, is_leaf=is_masked).flatten_up_to(delta)
+    out = {}
+    for (path, hl), ref, d in zip(paths, refs, deltas, strict=True):
+        if is_masked(hl):
+            continue
+        data = n * np.ravel(np.asarray(hl, np.float64))
+        prior = n * float(d)
+        ref = np.ravel(np.asarray(ref, np.float64))
+        pos = ref > 0
+        out[jax.tree_util.keystr(path)] = {
+            "rank_correlation": rank_correlation(data + prior, ref),
+            "median_ratio": float(np.median(data[pos] / ref[pos])) if pos.any() else float("nan"),
+            "data_share": float(np.median(data / (data + prior))),
+            "prior_precision": prior,
+            "size": int(data.size),
+        }
+    return out

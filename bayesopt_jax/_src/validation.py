@@ -155,7 +155,10 @@ def _same_shapes(where: str, leaves, others, what: str) -> None:
 def _state_parts(state: Any):
     """(field name, value) for every field of the named tuples in ``state``."""
     if isinstance(state, tuple) and hasattr(state, "_fields"):
+        skip = getattr(state, "not_per_parameter", ())  # fields a state declares are no mirrors
         for name in state._fields:
+            if name in skip:
+                continue
             value = getattr(state, name)
             yield name, value
             yield from _state_parts(value)

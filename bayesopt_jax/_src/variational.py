@@ -6,9 +6,12 @@ and defines a Gaussian posterior over the weights of the whole data set,
     q(θ) = N(θ̄, v),   v = 1 / (N (h + δ)),
 
 with N the number of training examples, δ the prior precision per example
-and h a per-example curvature estimate: ``B ŝ`` from the filter's own
-evidence (``curvature="evidence"``), or an EMA of the reparameterisation
-estimate ``ε g / √v`` (``curvature="reparam"``). Each step draws
+(one per leaf; fixed, or learned by empirical Bayes) and h ≥ 0 a
+per-example curvature estimate: by default the variance of a single
+example's gradient at the draws, ``B·EMA[(g − m̂)²]`` (``"variance"``); or
+an EMA of the reparameterisation estimate ``ε (g − m̂) / √v``
+(``"reparam"``); or ``B ŝ`` from the filter's own evidence
+(``"evidence"``). Each step draws
 ``θ̃ = θ̄ + √v ⊙ ε`` (:func:`training_sample`), the user takes the gradient
 there, and the update moves the mean by the filter's ``σ_t ⊙ d_t``. The
 noise ε of step t is a function of the state's key and step count alone.
@@ -29,7 +32,10 @@ Array = jax.Array
 PyTree = Any
 ScalarOrSchedule = float | Array | Callable[[Array], Array]
 
-CURVATURES = ("evidence", "reparam")
+CURVATURES = ("variance", "reparam", "evidence")
+DEFAULT_ETA = 3e-3
+DEFAULT_HESS_DECAY = 0.99
+DEFAULT_PRIOR_PRECISION = 2.0
 
 
 class ScaleByVariationalSigmaFilterState(NamedTuple):
@@ -42,11 +48,17 @@ class ScaleByVariationalSigmaFilterState(NamedTuple):
       mu: EMA of gradients when ``b1`` is not a plain 0, otherwise ``None``.
       nu: the evidence ``s``, an EMA of squared gradients.
       sigma: the filter's step variance σ (learning-rate units).
-      hess: the curvature EMA h for ``curvature="reparam"``, otherwise ``None``.
+      hess: the curvature EMA r (not debiased) for ``curvature="variance"``
+        or ``"reparam"``, otherwise ``None``.
       num_data: N as a scalar (float64 under ``jax_enable_x64``, else float32).
-      prior_precision: δ as a scalar (same dtype).
-      evidence_scale: ``B / (1 - β^t)`` (0 before the first update), which
-        turns ``nu`` into the per-example curvature ``B ŝ``.
+      prior_precision: δ per example, a vector with one entry per parameter
+        leaf (in ``jax.tree.leaves`` order of ``nu``); learned from the data
+        when the transformation was built with ``prior_precision=None``.
+      curvature_scale: the factor that turns the stored curvature buffer
+        into the per-example curvature h (0 before the first update):
+        ``B/(1 - γ^t)/(1 + (1 - b1)/(1 + b1))`` for the ``"variance"``
+        ``hess``, ``1/(1 - γ^t)`` for the ``"reparam"`` one, ``B/(1 - β^t)``
+        for ``nu``.
     """
 
     count: Array
@@ -57,11 +69,18 @@ class ScaleByVariationalSigmaFilterState(NamedTuple):
     hess: PyTree
     num_data: Array
     prior_precision: Array
-    evidence_scale: Array
+    curvature_scale: Array
+
+    # one value per leaf, not an array per parameter (for the tree checks)
+    not_per_parameter = ("prior_precision",)
 
 
 def _is_masked(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
+
+
+def _is_leaf(x: Any) -> bool:
+    return _is_masked(x) or x is None
 
 
 def decoded_state(
@@ -72,29 +91,59 @@ def decoded_state(
         mu=quantize.decoded(state.mu),
         nu=quantize.decoded(state.nu),
         sigma=quantize.decoded(state.sigma),
+        hess=quantize.decoded(state.hess),
     )
 
 
-def _leaf_variance(nu, hess, state):
-    """v = 1 / (N (h + δ)) for one leaf, in the leaf's compute dtype."""
-    c = moments.real_dtype(moments.compute_dtype(nu.dtype))
-    if hess is None:
-        h = jnp.asarray(state.evidence_scale, c) * nu.astype(c)
-    else:
-        h = hess.astype(c)
-    prec = jnp.asarray(state.num_data, c) * (h + jnp.asarray(state.prior_precision, c))
-    return 1 / prec
+def _curvature_buffer(state: ScaleByVariationalSigmaFilterState) -> PyTree:
+    return state.hess if state.hess is not None else state.nu
+
+
+def _leaf_curvature(buf: Array, state: ScaleByVariationalSigmaFilterState) -> Array:
+    """h ≥ 0, the per-example curvature, for one leaf in its compute dtype."""
+    c = moments.real_dtype(moments.compute_dtype(buf.dtype))
+    return jnp.maximum(jnp.asarray(state.curvature_scale, c) * buf.astype(c), 0)
+
+
+def _leaf_variance(h: Array, delta: Array, num_data: Array) -> Array:
+    """v = 1 / (N (h + δ)) for one leaf."""
+    c = h.dtype
+    return 1 / (jnp.asarray(num_data, c) * (h + jnp.asarray(delta, c)))
+
+
+def curvature_tree(state: ScaleByVariationalSigmaFilterState) -> PyTree:
+    """The per-example curvature h ≥ 0 behind the variance, one array per leaf."""
+    state = decoded_state(state)
+    return jax.tree.map(
+        lambda b: b if _is_masked(b) else _leaf_curvature(b, state),
+        _curvature_buffer(state),
+        is_leaf=_is_masked,
+    )
+
+
+def _as_tree(vector: Array, like: PyTree) -> PyTree:
+    """One entry of ``vector`` per array leaf of ``like`` (masked nodes kept)."""
+    leaves, treedef = jax.tree.flatten(like)
+    return treedef.unflatten([vector[i] for i in range(len(leaves))])
+
+
+def _as_vector(tree: PyTree, dtype: Any) -> Array:
+    leaves = [jnp.asarray(x, dtype) for x in jax.tree.leaves(tree)]
+    return jnp.stack(leaves) if leaves else jnp.zeros((0,), dtype)
+
+
+def prior_precision_tree(state: ScaleByVariationalSigmaFilterState) -> PyTree:
+    """δ per leaf as a tree of scalars like the parameters (``MaskedNode`` where masked out)."""
+    return _as_tree(state.prior_precision, decoded_state(state).nu)
 
 
 def variance_tree(state: ScaleByVariationalSigmaFilterState) -> PyTree:
     """The sampled variance v for every leaf (``MaskedNode`` where masked out)."""
-    state = decoded_state(state)
-    hess = state.hess if state.hess is not None else jax.tree.map(lambda _: None, state.nu)
     return jax.tree.map(
-        lambda n, h: n if _is_masked(n) else _leaf_variance(n, h, state),
-        state.nu,
-        hess,
-        is_leaf=lambda x: _is_masked(x) or x is None,
+        lambda h, d: h if _is_masked(h) else _leaf_variance(h, d, state.num_data),
+        curvature_tree(state),
+        prior_precision_tree(state),
+        is_leaf=_is_masked,
     )
 
 
@@ -127,16 +176,69 @@ def perturb(params: PyTree, state: ScaleByVariationalSigmaFilterState) -> PyTree
     return jax.tree.map(leaf, variance_tree(state), noise_tree(state), params, is_leaf=_is_masked)
 
 
+def initial_prior_precision(params: PyTree, num_data: Any) -> Array:
+    """δ₀ per leaf: the prior as wide as the leaf's initial values, ``1/(N·mean θ²)``.
+
+    A leaf that is all zeros (a bias) takes the value pooled over all
+    leaves; if every leaf is zero, δ₀ = 1/N (a unit prior variance).
+    """
+    f = jnp.result_type(float)
+    leaves = jax.tree.leaves(params, is_leaf=_is_masked)
+    live = [jnp.asarray(p) for p in leaves if not _is_masked(p)]
+    total = sum((jnp.sum(moments.abs_sq(p).astype(f)) for p in live), jnp.zeros((), f))
+    size = sum(p.size for p in live)
+    pooled = jnp.where(total > 0, size / jnp.where(total > 0, total, 1), 1.0)
+
+    def leaf(p):
+        if _is_masked(p):
+            return p
+        p = jnp.asarray(p)
+        sq = jnp.sum(moments.abs_sq(p).astype(f))
+        prec = jnp.where(sq > 0, p.size / jnp.where(sq > 0, sq, 1), pooled)
+        return (prec / jnp.asarray(num_data, f)).astype(f)
+
+    return _as_vector([leaf(p) for p in leaves if not _is_masked(p)], f)
+
+
+def empirical_bayes_prior(params: PyTree, h: PyTree, delta: Array, num_data: Any) -> Array:
+    r"""One step of the evidence (type-II maximum likelihood) fixed point for δ, per leaf.
+
+    .. math::
+        N\delta_{	ext{new}} = rac{P}{\sum_j ig(ar	heta_j^2 + v_jig)},
+        \qquad v_j = rac{1}{N (h_j + \delta)}
+
+    over the P entries of a leaf: the precision of a zero-mean Gaussian
+    prior that maximises the Laplace approximation of the marginal
+    likelihood (MacKay, 1992), which is also the prior variance that
+    maximises the mean-field ELBO. A leaf with no entries, or a
+    non-finite sum, keeps its δ. ``delta`` and the result are vectors, one
+    entry per unmasked leaf.
+    """
+
+    def leaf(p, hl, d):
+        if _is_masked(hl):
+            return d
+        c = hl.dtype
+        n = jnp.asarray(num_data, c)
+        v = _leaf_variance(hl, d, num_data)
+        total = jnp.sum(moments.abs_sq(jnp.asarray(p)).astype(c)) + jnp.sum(v)
+        new = hl.size / (n * total)
+        ok = jnp.isfinite(new) & (new > 0)
+        return jnp.where(ok, new, jnp.asarray(d, c)).astype(jnp.asarray(d).dtype)
+
+    out = jax.tree.map(leaf, params, h, _as_tree(delta, h), is_leaf=_is_masked)
+    return _as_vector([x for x in jax.tree.leaves(out)], delta.dtype)
+
+
 def scale_by_variational_sigma_filter(
-    eta: ScalarOrSchedule,
-    num_data: int,
-    batch_size: int | None = None,
+    eta: ScalarOrSchedule = DEFAULT_ETA,
     *,
+    num_data: int,
+    batch_size: int | None,
     key: int | Array = 0,
-    prior_precision: float = 0.5,
-    curvature: str = "evidence",
-    hess_decay: float = 0.99,
-    hess_init: float = 0.0,
+    prior_precision: float | None = DEFAULT_PRIOR_PRECISION,
+    curvature: str = "variance",
+    hess_decay: float = DEFAULT_HESS_DECAY,
     beta: float | Array = 0.999,
     b1: float | Array = 0.9,
     sigma_init: float | Array | None = None,
@@ -151,14 +253,14 @@ def scale_by_variational_sigma_filter(
     r"""The σ-filter trained at draws from its data-set posterior (variational mode).
 
     The state defines, per parameter, a Gaussian posterior over the weights
-    given all N training examples and a Gaussian prior of precision
-    :math:`N\delta`:
+    given all N training examples and a zero-mean Gaussian prior of
+    precision :math:`N\delta` per leaf:
 
     .. math::
         q_t(\theta) = \mathcal N(\bar\theta_t, v_t), \qquad
         v_t = \frac{1}{N\,(h_t + \delta)}
 
-    with :math:`h_t` a per-example curvature estimate. Each step the gradient
+    with :math:`h_t \ge 0` the per-example curvature. Each step the gradient
     is taken at a draw :math:`\tilde\theta_t = \bar\theta_{t-1} + \sqrt{v_{t-1}}
     \odot \varepsilon_t` (:func:`~bayesopt_jax.training_sample`), and the
     mean moves by the σ-filter's step on that gradient
@@ -169,21 +271,39 @@ def scale_by_variational_sigma_filter(
         \hat s_t = s_t / (1-\beta^t) + \epsilon, \quad
         \sigma_t = \frac{1}{\hat s_t + 1/\sigma_{t-1}} + \eta^2, \quad
         u_t = \sigma_t\, d_t \\
-        h_t &= B\,(\hat s_t - \epsilon) \quad (\texttt{curvature="evidence"}) \\
-        h_t &= \gamma h_{t-1} + (1-\gamma)\hat h_t
-               + \tfrac12 (1-\gamma)^2 \frac{(h_{t-1} - \hat h_t)^2}{h_{t-1} + \delta},
-        \quad \hat h_t = \frac{\varepsilon_t\, g_t}{\sqrt{v_{t-1}}}
-        \quad (\texttt{curvature="reparam"})
+        r_t &= \gamma r_{t-1} + (1-\gamma)\,(g_t - \hat m_{t-1})^2, \quad
+        h_t = \frac{B}{1 + \frac{1-b_1}{1+b_1}}\,\frac{r_t}{1-\gamma^t}
+        \quad (\texttt{curvature="variance"}, \text{the default})
 
-    B is the batch size (ŝ estimates the per-example Fisher information over
-    B near a minimum); γ is ``hess_decay``. The reparameterisation estimate
-    :math:`\hat h` is unbiased for the expected diagonal Hessian under
-    :math:`q` (Stein's lemma) and its update, with the correction term that
-    keeps :math:`h + \delta > 0`, is IVON's (Shen et al., 2024). The noise
-    :math:`\varepsilon_t` is a function of ``key`` and the step count only,
-    so ``training_sample`` and ``update`` regenerate the same draw and a
-    checkpointed state resumes the same noise stream. The derivation and the
-    measurements behind the defaults are in the σ-filter documentation.
+    with :math:`\hat m_{t-1}` the debiased gradient EMA before this step.
+    For a batch of B examples drawn at random, the batch-mean gradient has
+    covariance :math:`F/B` around its mean, F the covariance of one
+    example's gradient (its empirical Fisher information, less the squared
+    mean); subtracting :math:`\hat m_{t-1}`, an average of earlier and
+    independent gradients, removes the mean and adds the known fraction
+    :math:`(1-b_1)/(1+b_1)` of the variance, which the factor undoes. So
+    :math:`h_t` estimates the diagonal of F at the draws, which for a
+    likelihood model near its fit is the diagonal of the Fisher information,
+    i.e. of the generalised Gauss–Newton matrix. The EMA is debiased, so no
+    start value is remembered, and it forgets the early run at the rate γ.
+
+    ``curvature="reparam"``: :math:`r_t` averages
+    :math:`\varepsilon_t (g_t - \hat m_{t-1})/\sqrt{v_{t-1}}` instead and
+    :math:`h_t = \max(r_t/(1-\gamma^t), 0)`; by Stein's lemma an unbiased
+    estimate of the expected diagonal Hessian under q, but with a variance
+    that grows with N/B (no batch size needed). ``curvature="evidence"``:
+    :math:`h_t = B(\hat s_t - \epsilon)` (Noisy Adam's estimate; it includes
+    the squared mean gradient and remembers the whole run).
+
+    ``prior_precision=None`` learns δ per leaf by empirical Bayes: each step
+    one iteration of the evidence fixed point
+    :math:`N\delta = P / \sum_j (\bar\theta_j^2 + v_j)` over the leaf's P
+    entries (:func:`empirical_bayes_prior`), started from the initial
+    parameters' scale. The noise :math:`\varepsilon_t` is a function of
+    ``key`` and the step count only, so ``training_sample`` and ``update``
+    regenerate the same draw and a checkpointed state resumes the same
+    noise stream. The derivation, the choice of the defaults and their
+    measurements are in the σ-filter documentation.
 
     With :math:`N \to \infty` the draws coincide with the mean and this is
     :func:`scale_by_sigma_filter` with the same arguments. The prior enters
@@ -193,18 +313,18 @@ def scale_by_variational_sigma_filter(
     Args:
       eta: :math:`\eta \ge 0` (learning-rate units) or a schedule.
       num_data: N > 0, the number of training examples (IVON's ``ess``).
-      batch_size: B ≥ 1, examples per gradient; required for
-        ``curvature="evidence"``.
+      batch_size: B ≥ 1, examples per gradient (the data's scale for the
+        ``"variance"`` and ``"evidence"`` curvatures); ``None`` only with
+        ``curvature="reparam"``.
       key: an int seed, a ``jax.random.key`` or raw threefry key data.
-      prior_precision: δ > 0, the prior precision per example.
-      curvature: ``"evidence"`` (from ``nu``, no extra state) or
-        ``"reparam"`` (one more buffer).
-      hess_decay: γ in [0, 1) for ``curvature="reparam"``.
-      hess_init: :math:`h_0 \ge 0` for ``curvature="reparam"``.
+      prior_precision: a fixed δ > 0 per example for every leaf, or ``None``
+        to learn one per leaf (empirical Bayes).
+      curvature: ``"variance"``, ``"reparam"`` or ``"evidence"``.
+      hess_decay: γ in [0, 1), the decay of the curvature EMA.
       beta: decay of the evidence EMA, in [0, 1).
       b1: decay of the gradient EMA (0.9: an Adam-like direction).
       sigma_init: initial σ, or ``None`` for the fixed point of the first evidence.
-      bias_correction: debias the EMAs.
+      bias_correction: debias the filter's EMAs.
       eps: evidence floor > 0.
       sigma_max: optional absolute cap on σ.
       max_ratio: optional cap σ ≤ κ·σ*(ŝ) (see :func:`scale_by_sigma_filter`).
@@ -213,42 +333,50 @@ def scale_by_variational_sigma_filter(
         block; the rule, the variance and the draws use the decoded float32
         values).
       nu_dtype: storage of the evidence ``s``, likewise.
-      sigma_dtype: storage of σ, likewise. (The ``"reparam"`` curvature
-        buffer stays in the parameter's dtype.)
+      sigma_dtype: storage of σ, likewise. (The ``"variance"`` curvature
+        buffer is stored like the evidence, with ``nu_dtype``; the signed
+        ``"reparam"`` one stays in the parameter's dtype.)
 
     Returns:
       An ``optax.GradientTransformation`` with state
-      :class:`ScaleByVariationalSigmaFilterState`.
+      :class:`ScaleByVariationalSigmaFilterState`. Its ``update`` needs
+      ``params`` when the prior is learned.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> import bayesopt_jax as bj
-      >>> tx = bj.scale_by_variational_sigma_filter(0.1, num_data=100, batch_size=10)
-      >>> s = tx.init({"w": jnp.zeros(3)})
-      >>> round(float(bj.posterior_variance(s)["w"][0]), 6)  # the prior 1/(Nδ) before any evidence
-      0.02
+      >>> tx = bj.scale_by_variational_sigma_filter(num_data=100, batch_size=10, prior_precision=None)
+      >>> s = tx.init({"w": jnp.full(3, 0.5)})
+      >>> # before any evidence: the prior, as wide as the initial weights
+      >>> round(float(bj.posterior_variance(s)["w"][0]), 6)
+      0.25
 
     References:
       Shen et al., *Variational Learning is Effective for Large Deep
       Networks*, ICML 2024 (IVON); Khan et al., *Fast and Scalable Bayesian
       Deep Learning by Weight-Perturbation in Adam*, ICML 2018 (VOGN); Zhang
       et al., *Noisy Natural Gradient as Variational Inference*, ICML 2018
-      (Noisy Adam); Aitchison, *Bayesian filtering unifies adaptive and
-      non-adaptive neural network optimization methods*, NeurIPS 2020.
+      (Noisy Adam); MacKay, *A Practical Bayesian Framework for
+      Backpropagation Networks*, Neural Computation 1992; Immer et al.,
+      *Scalable Marginal Likelihood Estimation for Model Selection in Deep
+      Learning*, ICML 2021; Aitchison, *Bayesian filtering unifies adaptive
+      and non-adaptive neural network optimization methods*, NeurIPS 2020.
     """
     where = "scale_by_variational_sigma_filter"
     sigma.check_sigma_args(where, eta, beta, b1, eps, sigma_init, sigma_max, max_ratio)
     validation.check_range("num_data", num_data, low=0.0, low_inclusive=False, where=where)
-    validation.check_range(
-        "prior_precision", prior_precision, low=0.0, low_inclusive=False, where=where
-    )
+    learned_prior = prior_precision is None
+    if not learned_prior:
+        validation.check_range(
+            "prior_precision", prior_precision, low=0.0, low_inclusive=False, where=where
+        )
     validation.check_choice("curvature", curvature, CURVATURES, where)
-    if curvature == "evidence":
+    if curvature in ("evidence", "variance"):
         if batch_size is None:
-            raise ValueError(f'{where}: `batch_size` is required with curvature="evidence".')
+            raise ValueError(f'{where}: `batch_size` is required with curvature="{curvature}".')
+    if batch_size is not None:
         validation.check_range("batch_size", batch_size, low=1.0, where=where)
     validation.check_decay("hess_decay", hess_decay, where)
-    validation.check_nonnegative("hess_init", hess_init, where)
     if sigma_init is None and not callable(eta):
         validation.check_range(
             "eta", eta, low=0.0, low_inclusive=False, where=where + " (with sigma_init=None)"
@@ -257,7 +385,7 @@ def scale_by_variational_sigma_filter(
     dtypes = sigma.StateDtypes(mu_dtype, nu_dtype, sigma_dtype)
     dtypes.check(where)
     new_sigma = sigma.filter_rule(sigma_init, sigma_max, max_ratio)
-    reparam = curvature == "reparam"
+    buffered = curvature in ("reparam", "variance")  # a curvature EMA of its own
 
     def init_fn(params):
         for leaf in jax.tree.leaves(params):
@@ -268,9 +396,15 @@ def scale_by_variational_sigma_filter(
                 )
         base = sigma._init_sigma_state(params, b1, sigma_init, dtypes, where)
         hess = None
-        if reparam:
-            hess = jax.tree.map(lambda p: moments.full_like(p, hess_init), params)
+        if curvature == "variance":  # a mean of squares: stored like the evidence
+            hess = quantize.state_like(params, nu_dtype, signed=False, name="nu_dtype", where=where)
+        elif curvature == "reparam":
+            hess = jax.tree.map(moments.zeros_like, params)
         f = jnp.result_type(float)  # float64 under jax_enable_x64, else float32
+        if learned_prior:
+            delta = initial_prior_precision(params, num_data)
+        else:
+            delta = jnp.full((len(jax.tree.leaves(params)),), prior_precision, f)
         return ScaleByVariationalSigmaFilterState(
             count=base.count,
             key=jnp.array(key_data),
@@ -279,24 +413,43 @@ def scale_by_variational_sigma_filter(
             sigma=base.sigma,
             hess=hess,
             num_data=jnp.asarray(num_data, f),
-            prior_precision=jnp.asarray(prior_precision, f),
-            evidence_scale=jnp.zeros((), f),
+            prior_precision=delta,
+            curvature_scale=jnp.zeros((), f),
         )
 
     def update_fn(updates, stored, params=None):
-        del params
+        if learned_prior and params is None:
+            raise ValueError(
+                f"{where}: `params` is required by update to learn the prior "
+                "(prior_precision=None); pass them, or fix prior_precision."
+            )
         state = decoded_state(stored)
         moments.check_tree_match(where, updates, state.nu, "nu")
         count = optax.safe_increment(state.count)
         debias = moments.Debias(count)
         eta_t = sigma.eta_at(eta, state.count)
-        if reparam:
+        noise = var = None
+        if curvature == "reparam":
             noise = noise_tree(state)
             var = variance_tree(state)
-        else:
-            noise = var = None
+        if buffered:
+            # 1 - b1^(t-1): debiases the previous gradient mean (0 at the first step)
+            prev_debias = moments.Debias(state.count)
 
-        def leaf(g, m, s, sig, h, e, v):
+        def leaf(g, m, s, sig, r, e, v):
+            if r is not None:  # before m is updated: the control variate is m_{t-1}
+                c = moments.real_dtype(moments.compute_dtype(g.dtype))
+                diff = moments.to_compute(g).astype(c)
+                if m is not None:
+                    m_prev = m.astype(c)
+                    if bias_correction:
+                        pd = prev_debias(b1, c)
+                        m_prev = jnp.where(pd > 0, m_prev / jnp.where(pd > 0, pd, 1), 0)
+                    diff = moments.to_compute(diff - m_prev)  # |g - m̂| < sqrt(max)/2: no overflow
+                h_hat = diff * diff if curvature == "variance" else e * diff / jnp.sqrt(v)
+                r_out = moments.store(moments.ema(h_hat, r.astype(c), hess_decay), r.dtype)
+            else:
+                r_out = None
             s_new, s_hat, m_new, d = sigma.evidence_and_direction(
                 g, m, s, debias, beta=beta, b1=b1, bias_correction=bias_correction, eps=eps
             )
@@ -304,35 +457,35 @@ def scale_by_variational_sigma_filter(
             sig_new = new_sigma(sig.astype(s_hat.dtype), s_hat, et, count)
             m_out = None if m_new is None else moments.store(m_new, m.dtype)
             u = moments.store(sig_new * d, g.dtype)
-            h_out = None
-            if h is not None:
-                c = s_hat.dtype
-                hc = h.astype(c)
-                h_hat = e * moments.to_compute(g).astype(c) / jnp.sqrt(v)
-                gam = jnp.asarray(hess_decay, c)
-                one = jnp.asarray(1 - hess_decay, c)
-                dlt = jnp.asarray(prior_precision, c)
-                h_new = gam * hc + one * h_hat + 0.5 * one * one * (hc - h_hat) ** 2 / (hc + dlt)
-                h_out = moments.store(h_new, h.dtype)
-            return u, m_out, moments.store(s_new, s.dtype), moments.store(sig_new, sig.dtype), h_out
+            return u, m_out, moments.store(s_new, s.dtype), moments.store(sig_new, sig.dtype), r_out
 
         u, mu, nu, sig, hess = moments.tree_map_multi(
             leaf, 5, updates, state.mu, state.nu, state.sigma, state.hess, noise, var
         )
-        f = state.evidence_scale.dtype
-        scale = jnp.asarray(batch_size if batch_size is not None else 0.0, f)
-        if bias_correction:
-            scale = scale / moments.debias_factor(beta, count, f)
-        return u, ScaleByVariationalSigmaFilterState(
+        f = state.curvature_scale.dtype
+        if buffered:
+            scale = 1 / moments.debias_factor(hess_decay, count, f)
+            if curvature == "variance":
+                # m̂_{t-1} averages earlier, independent gradients with weights (1-b1) b1^k,
+                # so E(g - m̂_{t-1})² = Var(g) (1 + (1 - b1)/(1 + b1)) at a stationary mean.
+                inflation = 1 if state.mu is None else 1 + (1 - b1) / (1 + b1)
+                scale = scale * batch_size / inflation
+        else:
+            scale = jnp.asarray(batch_size, f)
+            if bias_correction:
+                scale = scale / moments.debias_factor(beta, count, f)
+        new = state._replace(
             count=count,
-            key=state.key,
             mu=None if state.mu is None else quantize.encoded_like(mu, stored.mu),
             nu=quantize.encoded_like(nu, stored.nu),
             sigma=quantize.encoded_like(sig, stored.sigma),
-            hess=None if state.hess is None else hess,
-            num_data=state.num_data,
-            prior_precision=state.prior_precision,
-            evidence_scale=scale,
+            hess=None if state.hess is None else quantize.encoded_like(hess, stored.hess),
+            curvature_scale=scale,
         )
+        if learned_prior:
+            h = curvature_tree(new._replace(nu=nu, mu=mu, sigma=sig, hess=hess))
+            delta = empirical_bayes_prior(params, h, state.prior_precision, state.num_data)
+            new = new._replace(prior_precision=delta)
+        return u, new
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -571,3 +571,22 @@ def test_curvature_report_against_scipy(rng):
         tol = 1e-6 * np.max(prec[pos] / ref[k][pos])
         assert abs(r["median_ratio"] - np.median(data[pos] / ref[k][pos])) <= tol
         assert 0 <= r["data_share"] <= 1
+
+
+def test_abstract_init():
+    """ShapeDtypeStruct parameters: the state's shapes without values; the learned prior refuses."""
+    params = {
+        "w": jax.ShapeDtypeStruct((3, 4), jnp.float32),
+        "b": jax.ShapeDtypeStruct((4,), jnp.float32),
+    }
+    concrete = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params)
+    tx = bj.variational_sigma_filter(num_data=10, batch_size=2)
+    got = jax.tree.map(lambda x: (x.shape, x.dtype), tx.init(params))
+    assert got == jax.tree.map(lambda x: (x.shape, x.dtype), tx.init(concrete))
+    learned = bj.variational_sigma_filter(num_data=10, batch_size=2, prior_precision=None)
+    with pytest.raises(ValueError, match="eval_shape"):
+        learned.init(params)
+    abstract = jax.eval_shape(learned.init, params)
+    assert jax.tree.map(lambda x: x.shape, abstract) == jax.tree.map(
+        lambda x: x.shape, learned.init(concrete)
+    )

@@ -389,10 +389,16 @@ def scale_by_variational_sigma_filter(
 
     def init_fn(params):
         for leaf in jax.tree.leaves(params):
-            if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+            if not jnp.issubdtype(moments.leaf_dtype(leaf), jnp.floating):
                 raise ValueError(
                     f"{where}: parameters must be real floating point, got a "
-                    f"{jnp.asarray(leaf).dtype} leaf."
+                    f"{moments.leaf_dtype(leaf)} leaf."
+                )
+            if learned_prior and isinstance(leaf, jax.ShapeDtypeStruct):
+                raise ValueError(
+                    f"{where}: prior_precision=None starts from the initial parameters' "
+                    "values, and a leaf is a ShapeDtypeStruct; for an abstract state use "
+                    "jax.eval_shape(tx.init, params), or fix prior_precision."
                 )
         base = sigma._init_sigma_state(params, b1, sigma_init, dtypes, where)
         hess = None

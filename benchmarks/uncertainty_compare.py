@@ -753,6 +753,7 @@ def main(argv=None):
     report = {"machine": _machine(), "args": {k: str(v) for k, v in vars(args).items()}}
     if "lm" in args.tasks:
         report["lm"] = lm_task(args)
+        _save(report, args.out)
     for name in [t for t in args.tasks if t != "lm"]:
         load = LOADERS[name]
         if args.epochs is not None:
@@ -803,10 +804,15 @@ def main(argv=None):
             "train_seconds": {m: float(np.mean(s)) for m, s in seconds.items()},
             "table": table,
         }
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(report, indent=2, default=float))
+        _save(report, args.out)  # after every task: a long run keeps what it has
+    _save(report, args.out)
     print(f"saved {args.out / 'results.json'}")
     return report
+
+
+def _save(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=float))
 
 
 def _machine() -> str:

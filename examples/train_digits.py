@@ -283,7 +283,7 @@ def main(argv=None):
     ax.set_xlabel("epoch")
     ax.set_ylabel("mean training loss (cross-entropy)")
     ax.set_title("MLP on sklearn digits (learning rate or η in brackets)")
-    ax.legend()
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(args.out / "loss_curves.png", dpi=120)
     print(f"saved {args.out / 'loss_curves.png'} and {args.out / 'results.json'}")

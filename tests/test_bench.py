@@ -80,7 +80,7 @@ def test_uncertainty_compare_smoke(tmp_path):
     assert len(curv) == 2 and set(curv[0]["at_mean"]) == {
         f"['l{i}']['{k}']" for i in range(3) for k in "bw"
     }
-    assert (tmp_path / "results.json").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["cancer"]["paired"]
 
 
 def test_auroc_and_ggn_diagonal_against_their_definitions(x64):

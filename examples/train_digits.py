@@ -271,7 +271,7 @@ def main(argv=None):
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for r in results:
         name = r["optimizer"]
         if name == VARIATIONAL:
@@ -283,7 +283,7 @@ def main(argv=None):
     ax.set_xlabel("epoch")
     ax.set_ylabel("mean training loss (cross-entropy)")
     ax.set_title("MLP on sklearn digits (learning rate or η in brackets)")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(args.out / "loss_curves.png", dpi=120)
     print(f"saved {args.out / 'loss_curves.png'} and {args.out / 'results.json'}")

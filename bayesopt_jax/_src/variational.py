@@ -204,8 +204,8 @@ def empirical_bayes_prior(params: PyTree, h: PyTree, delta: Array, num_data: Any
     r"""One step of the evidence (type-II maximum likelihood) fixed point for δ, per leaf.
 
     .. math::
-        N\delta_{	ext{new}} = rac{P}{\sum_j ig(ar	heta_j^2 + v_jig)},
-        \qquad v_j = rac{1}{N (h_j + \delta)}
+        N\delta_{\text{new}} = \frac{P}{\sum_j \big(\bar\theta_j^2 + v_j\big)},
+        \qquad v_j = \frac{1}{N (h_j + \delta)}
 
     over the P entries of a leaf: the precision of a zero-mean Gaussian
     prior that maximises the Laplace approximation of the marginal

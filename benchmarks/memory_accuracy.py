@@ -82,7 +82,7 @@ def make(config: str, lr: optax.Schedule, seed: int) -> tuple[optax.GradientTran
 
 
 def run(config: str, data_name: str, seed: int, batch_size: int, epochs: int = 0) -> dict:
-    data = uc.LOADERS[data_name](seed)
+    data = uc.LOADERS[data_name](seed, ood=False)
     xtr, ytr = data["train"]
     epochs = epochs or data["epochs"]
     steps = epochs * (len(xtr) // batch_size)

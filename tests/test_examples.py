@@ -21,6 +21,10 @@ def _load(name):
     return module
 
 
+# Each test trains an example in a subprocess: the full suite only.
+pytestmark = pytest.mark.training
+
+
 def test_train_digits_smoke(tmp_path):
     pytest.importorskip("flax")
     pytest.importorskip("sklearn")

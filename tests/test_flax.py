@@ -6,14 +6,14 @@ import numpy as np
 import optax
 import pytest
 from bounds import U32, check_tree, trajectory_bound
-from registry import OPTIMIZERS, make
+from registry import OPTIMIZERS, make, names
 
 import bayesopt_jax as bj
 
 nnx = pytest.importorskip("flax.nnx")
 train_state = pytest.importorskip("flax.training.train_state")
 
-NAMES = sorted(OPTIMIZERS)
+NAMES = names()  # the inner loop runs the representatives (registry.INNER_LOOP)
 
 
 def _data():

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 import bayesopt_jax as bj
 from bayesopt_jax._src import native
 from bayesopt_jax._src.native import build
-from bayesopt_jax._src.native import reference as reference_rules
+from bayesopt_jax._src.native import transcriptions as reference_rules
 
 HAVE_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 needs_native = pytest.mark.skipif(
@@ -487,6 +487,7 @@ def test_the_self_test_catches_a_kernel_that_disagrees(rule, monkeypatch):
     assert native.self_test() is None
 
 
+@pytest.mark.subprocess
 def test_without_a_library_everything_runs_the_pure_path():
     code = textwrap.dedent(
         """
@@ -525,6 +526,7 @@ def test_build_fails_cleanly_without_a_compiler(tmp_path, monkeypatch):
         build.build(tmp_path / "lib.so")
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler")
 def test_the_build_script_compiles_the_library(tmp_path):
     out = build.build(tmp_path / build.library_name())
@@ -587,7 +589,7 @@ def rule_magnitudes(tx, state, params, grads):
     from bayesopt_jax._src import engine
 
     prepared = engine.description(engine.description(tx).parts[0]).prepare(state[0])
-    rule, sc = prepared.kernel.rule, [float(x) for x in np.asarray(prepared.kernel.scalars)]
+    rule, sc = prepared.kernel.rule, [float(x) for x in np.asarray(prepared.kernel.operand)]
     factor = float(np.asarray(engine.description(tx).parts[-1].update(jnp.ones(()), state[-1])[0]))
     present = [s for s in prepared.states if s is not None]
     out = {}
@@ -649,3 +651,60 @@ def test_the_rule_bound_is_not_vacuous(rng):
     b = np.asarray(good[1][0].sigma["big"], np.float64)
     finite = np.isfinite(b)
     assert np.any(np.abs(a - b)[finite] > 38 * EPS32 * sig_mag[finite])
+
+
+def test_fusion_reason_names_the_failing_condition_and_strict_raises_it():
+    p = {"w": jnp.linspace(-1.0, 1.0, 8), "b": jnp.zeros(2)}
+    g = jax.tree.map(jnp.cos, p)
+
+    def reason(tx, params=p, grads=g):
+        return bj.fusion_reason(tx, grads, tx.init(params), params)
+
+    assert "not a chain built by bayesopt_jax" in reason(optax.adam(0.1))
+    assert "static tree of booleans" in reason(
+        bj.adamw(0.1, mask={"w": jnp.array(True), "b": False})
+    )
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p)
+    with native.pure_jax():
+        assert "not in use" in reason(bj.adam(0.1))
+    if not bj.native_available():
+        assert "not in use" in reason(bj.adam(0.1))
+        return
+    assert reason(bj.adam(0.1)) is None and reason(bj.adamw(0.1)) is None
+    assert reason(bj.sigma_filter(0.1)) is None and reason(bj.amsgrad(0.1)) is None
+    assert "no native kernel" in reason(bj.adam(0.1, nesterov=True))
+    assert "no native kernel" in reason(bj.adam(0.1, eps_root=1e-8))
+    assert "leaf 0" in reason(bj.adam(0.1), half, jax.tree.map(lambda x: x.astype(jnp.bfloat16), g))
+    assert "leaf 0" in reason(bj.adam(0.1, mu_dtype=bj.Blockwise8()))
+    tx = bj.adam(0.1, nesterov=True)
+    with pytest.raises(ValueError, match=r"strict=True.*no native kernel"):
+        bj.fused_step(tx, g, tx.init(p), p, strict=True)
+    # strict=True changes nothing when the step fuses.
+    tx = bj.adamw(0.1)
+    s = tx.init(p)
+    a = bj.fused_step(tx, g, s, p, strict=True)
+    b = bj.fused_step(tx, g, s, p)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_the_library_exports_the_rule_table_the_python_side_declares():
+    from bayesopt_jax._src.native import rules
+
+    assert rules.table_mismatch(rules.table()) is None
+    for altered in [
+        rules.table().replace("adam:2:8", "adam:2:9"),  # a scalar added on one side only
+        rules.table() + ";extra:1:1",  # a rule the Python side does not know
+        ";".join(rules.table().split(";")[1:]),  # one missing
+    ]:
+        assert "differs" in rules.table_mismatch(altered)
+    # Every rule's scalars class names each scalar once and packs in field order.
+    for name, rule in rules.RULES.items():
+        values = rule.scalars(*(float(i) for i in range(rule.n_scalars)))
+        np.testing.assert_array_equal(np.asarray(rules.pack(values)), np.arange(rule.n_scalars))
+        assert rules.unpack(name, rules.pack(values)) == tuple(
+            np.float32(i) for i in range(rule.n_scalars)
+        )
+    if native.library_path() is None or native._load() is not None:
+        pytest.skip(f"native library not loaded: {native.unavailable_reason()}")
+    exported = native._LIBRARY[0].bj_native_rules().decode()
+    assert rules.parse_table(exported) == rules.parse_table(rules.table())

@@ -16,11 +16,11 @@ from bounds import U32, U64, check, check_tree, trajectory_bound, tree_rejects
 from helpers import abstract_of, mesh_4x2
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from registry import OPTIMIZERS, lr_name, make
+from registry import OPTIMIZERS, lr_name, make, names
 
 import bayesopt_jax as bj
 
-NAMES = sorted(OPTIMIZERS)
+NAMES = names()  # the inner loop runs the representatives (registry.INNER_LOOP)
 STEPS = 12
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -379,6 +379,7 @@ def _run_example(tmp_path, *args):
 STEPS_X64, HIDDEN_X64 = 12, 4
 
 
+@pytest.mark.multiprocess
 def test_two_processes_match_one_process(tmp_path):
     """A real 2-process JAX cluster (gloo on loopback), every optimizer, float64."""
     pytest.importorskip("sklearn")
@@ -415,6 +416,7 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("parallel", ["jit", "pmap"])
+@pytest.mark.multiprocess
 def test_two_processes_float32_bit_identical_with_native_kernels(tmp_path, parallel):
     """float32, the native kernels where built: every process holds the same bits."""
     pytest.importorskip("sklearn")

@@ -82,6 +82,7 @@ def test_every_instruction_set_copy_gives_the_same_bits():
             assert value.tobytes() == results[isa][key].tobytes(), (isa, key)
 
 
+@pytest.mark.subprocess
 def test_an_unknown_or_unsupported_instruction_set_is_reported():
     if native.library_path() is None:
         pytest.skip("the native library was not built")
@@ -150,6 +151,7 @@ def wheel_venv(tmp_path_factory):
     # needs), so the library runs its baseline copy with software fmaf.
     [("Haswell", "avx2"), ("SandyBridge", "baseline")],
 )
+@pytest.mark.emulated
 def test_a_wheel_built_here_runs_on_older_cpus(wheel_venv, tmp_path, cpu, isa):
     """The wheel, in a fresh venv, under ``qemu-x86_64 -cpu CPU``: same results as here."""
     python, venv = wheel_venv
@@ -203,6 +205,7 @@ def test_a_wheel_built_here_runs_on_older_cpus(wheel_venv, tmp_path, cpu, isa):
             check(want[keep], p, f"host {name}/{k}")
 
 
+@pytest.mark.subprocess
 def test_the_sdist_ships_the_license_and_the_kernel_source(tmp_path):
     import tarfile
 

@@ -6,11 +6,11 @@ import numpy as np
 import optax
 import pytest
 from bounds import U32, check_tree, trajectory_bound, tree_rejects, update_bounds
-from registry import OPTIMIZERS, lr_name, make, momentum_after_lr
+from registry import OPTIMIZERS, lr_name, make, momentum_after_lr, names
 
 import bayesopt_jax as bj
 
-NAMES = sorted(OPTIMIZERS)
+NAMES = names()  # the inner loop runs the representatives (registry.INNER_LOOP)
 
 
 def _params():

@@ -10,17 +10,17 @@ arithmetic happens per leaf in :func:`~bayesopt_jax._src.moments.compute_dtype`
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import transform as _optax_transform
 
 from bayesopt_jax._src import engine, moments, native, quantize, validation
-
-Array = jax.Array
-PyTree = Any
+from bayesopt_jax._src.native import rules
+from bayesopt_jax._src.types import Array
 
 
 def _check_adam_args(where: str, b1, b2, eps, eps_root, mu_dtype=None, nu_dtype=None):
@@ -71,31 +71,27 @@ def _kernel_ready(b1, b2, eps, eps_root) -> bool:
     return engine.python_numbers(b1, b2, eps, eps_root) and eps_root == 0 and native.use_native()
 
 
-def _scalars(*values: Any) -> jax.Array:
-    return jnp.stack([jnp.asarray(x, jnp.float32) for x in values])
+def _moment_scalars(b1, b2, count, correct1, correct2) -> dict[str, Any]:
+    """The scalars the Adam-type rules share, formed as the pure path forms them.
 
-
-def _moment_scalars(b1, b2, count, correct1, correct2):
-    """``b1, 1-b1, b2, 1-b2, r1, r2``: ``r = 1/(1-b^t)``, 1 where not corrected.
-
-    Formed as the pure path forms them: ``1 - b`` rounded once from the
-    Python value (:func:`moments.ema`), ``1-b^t`` by :class:`moments.Debias`.
+    ``1 - b`` rounded once from the Python value (:func:`moments.ema`),
+    ``r = 1/(1-b^t)`` from :class:`moments.Debias` (1 where not corrected).
     """
     debias = moments.Debias(count)
     r1 = 1 / debias(b1, jnp.float32) if correct1 else 1.0
     r2 = 1 / debias(b2, jnp.float32) if correct2 else 1.0
-    return [b1, 1 - b1, b2, 1 - b2, r1, r2]
+    return dict(b1=b1, one_minus_b1=1 - b1, b2=b2, one_minus_b2=1 - b2, r1=r1, r2=r2)
 
 
-def _adam_finish(sc, g, m, v):
+def _adam_finish(sc: rules.AdamScalars, g, m, v):
     """Adam's update from the kernel's new moments: what XLA makes of m̂/(√v̂ + ε)."""
-    return (m * sc[4]) / (jnp.sqrt(v * sc[5]) + sc[6])
+    return (m * sc.r1) / (jnp.sqrt(v * sc.r2) + sc.eps)
 
 
-def _amsgrad_finish(sc, g, m, v, n):
-    """AMSGrad's update from the kernel's new state (``sc[8]``: the raw maximum)."""
-    n_eff = jnp.where(sc[8] != 0, n * sc[5], n)
-    return (m * sc[4]) / (jnp.sqrt(n_eff) + sc[6])
+def _amsgrad_finish(sc: rules.AmsgradScalars, g, m, v, n):
+    """AMSGrad's update from the kernel's new state."""
+    n_eff = jnp.where(sc.raw != 0, n * sc.r2, n)
+    return (m * sc.r1) / (jnp.sqrt(n_eff) + sc.eps)
 
 
 # Optax's own state classes: a state made here is interchangeable with one made
@@ -105,9 +101,17 @@ ScaleByAdamState = optax.ScaleByAdamState
 ScaleByAmsgradState = optax.ScaleByAmsgradState
 ScaleByRmsState = optax.ScaleByRmsState
 ScaleByRssState = optax.ScaleByRssState
-# Optax does not export these two at the top level.
-_RmsWithCountState = _optax_transform.ScaleByRmsWithCountState
-_RStdDevWithCountState = _optax_transform.ScaleByRStdDevWithCountState
+
+
+@functools.cache
+def _optax_state_class(factory: Callable[..., optax.GradientTransformation]) -> type:
+    """The state class of ``factory(bias_correction=True)``, learnt from Optax's public API.
+
+    Optax does not export the classes with a count at the top level; taking
+    them from the state its own function makes keeps ours interchangeable
+    with Optax's without importing a private module.
+    """
+    return type(jax.eval_shape(factory(bias_correction=True).init, jnp.zeros((1,))))
 
 
 def scale_by_adam(
@@ -192,9 +196,8 @@ def scale_by_adam(
         count = optax.safe_increment(state.count)
         kernel = None
         if not nesterov and _kernel_ready(b1, b2, eps, eps_root):
-            # The "adam" rule: (m·r1) / (sqrt(v·r2) + eps) with r = 1/(1-b^t).
             head = _moment_scalars(b1, b2, count, bias_correction, bias_correction)
-            scalars = _scalars(*head, eps, moments.clip_limit(jnp.float32))
+            scalars = rules.AdamScalars(**head, eps=eps, clip=moments.clip_limit(jnp.float32))
             kernel = engine.Kernel("adam", scalars, _adam_finish)
         return engine.Prepared(
             make_leaf,
@@ -304,11 +307,11 @@ def scale_by_amsgrad(
         count = optax.safe_increment(state.count)
         kernel = None
         if _kernel_ready(b1, b2, eps, eps_root):
-            # The "amsgrad" rule multiplies by r = 1/(1-b^t) (1 where a correction is off).
             head = _moment_scalars(b1, b2, count, bias_correction_mu, bias_correction_nu)
             raw = 1.0 if max_of == "raw" else 0.0
             clip = moments.clip_limit(jnp.float32)
-            kernel = engine.Kernel("amsgrad", _scalars(*head, eps, clip, raw), _amsgrad_finish)
+            scalars = rules.AmsgradScalars(**head, eps=eps, clip=clip, raw=raw)
+            kernel = engine.Kernel("amsgrad", scalars, _amsgrad_finish)
         return engine.Prepared(
             make_leaf,
             count,
@@ -455,10 +458,10 @@ def scale_by_rms(
     def make_state(count, mu, nu):
         if centered:
             if bias_correction:
-                return _RStdDevWithCountState(count=count, mu=mu, nu=nu)
+                return _optax_state_class(optax.scale_by_stddev)(count=count, mu=mu, nu=nu)
             return optax.ScaleByRStdDevState(mu=mu, nu=nu)
         if bias_correction:
-            return _RmsWithCountState(count=count, nu=nu)
+            return _optax_state_class(optax.scale_by_rms)(count=count, nu=nu)
         return optax.ScaleByRmsState(nu=nu)
 
     def init_fn(params):

@@ -16,9 +16,7 @@ from bayesopt_jax._src import adam as adam_lib
 from bayesopt_jax._src import decay, engine, moments, validation
 from bayesopt_jax._src import sigma as sigma_lib
 from bayesopt_jax._src import variational as variational_lib
-
-ScalarOrSchedule = float | jax.Array | optax.Schedule
-PyTree = Any
+from bayesopt_jax._src.types import PyTree, ScalarOrSchedule
 
 
 def _checked(where: str, tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-PyTree = Any
+from bayesopt_jax._src.types import PyTree
 
 _PATHS = "__paths__"
 _DTYPES = "__dtypes__"

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
-from optax.transforms import _adding as _optax_adding
 
 from bayesopt_jax._src import engine, moments, validation
+from bayesopt_jax._src.types import PyTree
 
-PyTree = Any
 
-# Optax's state for a scheduled decay (the step count), so that the state of
-# a chain matches ``optax.add_decayed_weights``'s leaf for leaf.
-_WeightDecaySchedule = _optax_adding.WeightDecaySchedule
+@functools.cache
+def _schedule_state() -> type:
+    """Optax's state class for a scheduled decay (the step count), from its public API.
+
+    So that the state of a chain matches ``optax.add_decayed_weights``'s leaf
+    for leaf, without importing a private module.
+    """
+    return type(jax.eval_shape(optax.add_decayed_weights(lambda count: 0.0).init, jnp.zeros(1)))
 
 
 def add_decoupled_weight_decay(
@@ -62,7 +67,7 @@ def add_decoupled_weight_decay(
     def init_fn(params):
         del params
         if scheduled:
-            return _WeightDecaySchedule(count=moments.zero_count())
+            return _schedule_state()(count=moments.zero_count())
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
@@ -76,7 +81,7 @@ def add_decoupled_weight_decay(
 
         if scheduled:
             rate = weight_decay(state.count)
-            state = _WeightDecaySchedule(count=optax.safe_increment(state.count))
+            state = _schedule_state()(count=optax.safe_increment(state.count))
         else:
             rate = weight_decay
 

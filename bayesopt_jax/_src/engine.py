@@ -24,23 +24,31 @@ import jax
 import optax
 
 from bayesopt_jax._src import moments, native, quantize
+from bayesopt_jax._src.native import rules
+from bayesopt_jax._src.types import PyTree
 
-PyTree = Any
 _ATTRIBUTE = "__bayesopt_jax_description__"
 
 
 class Kernel(NamedTuple):
-    """A native rule, its float32 scalars operand for this step, and how u follows.
+    """A native rule, its scalars for this step, and how u follows.
 
-    The update kernel writes the new state only; ``finish(scalars, g,
-    *new_state)`` (the state buffers the rule has, in order) forms the
-    update from it in pure JAX, so that XLA fuses it into the loop that
-    applies the update and no buffer of updates is written and read.
+    ``scalars`` is the rule's NamedTuple of scalars
+    (:mod:`bayesopt_jax._src.native.rules`); the kernels read them as one
+    float32 operand in field order (:attr:`operand`). The update kernel
+    writes the new state only; ``finish(scalars, g, *new_state)`` (the state
+    buffers the rule has, in order) forms the update from it in pure JAX, so
+    that XLA fuses it into the loop that applies the update and no buffer of
+    updates is written and read.
     """
 
     rule: str
-    scalars: jax.Array
+    scalars: NamedTuple
     finish: Callable[..., jax.Array]
+
+    @property
+    def operand(self) -> jax.Array:
+        return rules.pack(self.scalars)
 
 
 class Prepared(NamedTuple):
@@ -231,12 +239,12 @@ def _native(prepared: Prepared, present: list[int], gs: list, states: list[list]
     def kernel(scalars, args, gs, states):
         del args
         new = native.update(prepared.kernel.rule, scalars, gs, states)
-        finish = prepared.kernel.finish
-        us = [finish(scalars, g, *(col[i] for col in new)) for i, g in enumerate(gs)]
+        finish, named = prepared.kernel.finish, rules.unpack(prepared.kernel.rule, scalars)
+        us = [finish(named, g, *(col[i] for col in new)) for i, g in enumerate(gs)]
         return us, new
 
     kernel.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
-    return native.on_cpu(kernel, pure, prepared.kernel.scalars, prepared.args, gs, states)
+    return native.on_cpu(kernel, pure, prepared.kernel.operand, prepared.args, gs, states)
 
 
 def _native_stored(prepared: Prepared, present: list[int], gs: list, states: list[list]):
@@ -250,7 +258,7 @@ def _native_stored(prepared: Prepared, present: list[int], gs: list, states: lis
         return native.update_stored(prepared.kernel.rule, scalars, gs, states)
 
     kernel.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
-    return native.on_cpu(kernel, pure, prepared.kernel.scalars, prepared.args, gs, states)
+    return native.on_cpu(kernel, pure, prepared.kernel.operand, prepared.args, gs, states)
 
 
 def python_numbers(*values: Any) -> bool:

@@ -20,8 +20,7 @@ import numpy as np
 import optax
 
 from bayesopt_jax._src import engine, native
-
-PyTree = Any
+from bayesopt_jax._src.types import PyTree
 
 
 class _Plan(NamedTuple):
@@ -32,19 +31,25 @@ class _Plan(NamedTuple):
     scale: optax.GradientTransformation
 
 
-def _plan(tx: Any) -> _Plan | None:
+def _plan(tx: Any) -> _Plan | str:
+    """The chain's plan, or why it has none (a sentence)."""
     chain = engine.description(tx)
-    if not isinstance(chain, engine.Chain) or len(chain.parts) not in (2, 3):
-        return None
+    if not isinstance(chain, engine.Chain):
+        return (
+            "the transformation is not a chain built by bayesopt_jax (bj.adam, bj.adamw, "
+            "bj.amsgrad, bj.sigma_filter, bj.sigma_fixed_point)"
+        )
+    if len(chain.parts) not in (2, 3):
+        return f"the chain has {len(chain.parts)} parts; a fused step takes rule, [decay,] scale"
     first, *middle, last = chain.parts
     rule = engine.description(first)
     decay = engine.description(middle[0]) if middle else None
-    if (
-        not isinstance(rule, engine.Elementwise)
-        or not isinstance(engine.description(last), engine.ScalarScale)
-        or (middle and not isinstance(decay, engine.WeightDecay))
-    ):
-        return None
+    if not isinstance(rule, engine.Elementwise):
+        return "the chain's first part is not an elementwise rule of bayesopt_jax"
+    if not isinstance(engine.description(last), engine.ScalarScale):
+        return "the chain's last part is not a scale by the learning rate"
+    if middle and not isinstance(decay, engine.WeightDecay):
+        return "the chain's middle part is not a decoupled weight decay with a constant rate"
     return _Plan(rule, decay, last)
 
 
@@ -77,6 +82,8 @@ def fused_step(
     grads: PyTree,
     state: optax.OptState,
     params: PyTree,
+    *,
+    strict: bool = False,
 ) -> tuple[PyTree, optax.OptState]:
     r"""Applies one optimizer step: ``(new_params, new_state)`` in one call.
 
@@ -116,6 +123,9 @@ def fused_step(
       grads: gradients, with the structure of ``params``.
       state: ``tx``'s state.
       params: the current parameters.
+      strict: raise ``ValueError`` with the reason (as :func:`fusion_reason`
+        gives it) instead of running the two calls when the step cannot be
+        fused.
 
     Returns:
       ``(new_params, new_state)``.
@@ -132,29 +142,13 @@ def fused_step(
       >>> bool(jnp.abs(params["w"]).max() < 0.1)
       True
     """
-    plan = _plan(tx)
-    if plan is None or not native.use_native():
+    plan = _fusion_plan(tx, grads, state, params)
+    if isinstance(plan, str):
+        if strict:
+            raise ValueError(f"fused_step(strict=True): not fused: {plan}.")
         return _two_call(tx, grads, state, params)
-    prepared = plan.rule.prepare(state[0])
-    if prepared.kernel is None:
-        return _two_call(tx, grads, state, params)
-    present = [j for j, tree in enumerate(prepared.states) if tree is not None]
-    ps, treedef = jax.tree.flatten(params)
-    try:
-        gs = treedef.flatten_up_to(grads)
-        cols = [treedef.flatten_up_to(prepared.states[j]) for j in present]
-    except (ValueError, TypeError):
-        return _two_call(tx, grads, state, params)
-    decay = _decay_flags(plan.decay, params)
-    if (
-        not ps
-        or decay is None
-        or not all(
-            native.is_native_leaf(p, g, *(col[i] for col in cols))
-            for i, (p, g) in enumerate(zip(ps, gs, strict=True))
-        )
-    ):
-        return _two_call(tx, grads, state, params)
+    plan, treedef, present, decay = plan
+    ps, gs = treedef.flatten_up_to(params), treedef.flatten_up_to(grads)
 
     def pure(state, ps, gs):
         p, s = _two_call(tx, treedef.unflatten(gs), state, treedef.unflatten(ps))
@@ -170,7 +164,7 @@ def fused_step(
         factor_and_decay = jnp.stack([jnp.asarray(factor, jnp.float32), jnp.float32(wd)])
         states = [treedef.flatten_up_to(prepared.states[j]) for j in present]
         new_ps, new = native.step(
-            prepared.kernel.rule, prepared.kernel.scalars, factor_and_decay, ps, gs, states, decay
+            prepared.kernel.rule, prepared.kernel.operand, factor_and_decay, ps, gs, states, decay
         )
         trees: list[Any] = [None] * len(prepared.states)
         for slot, j in enumerate(present):
@@ -180,6 +174,70 @@ def fused_step(
     kernel.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
     new_ps, new_state = native.on_cpu(kernel, pure, state, ps, gs)
     return treedef.unflatten(new_ps), new_state
+
+
+def _fusion_plan(tx, grads, state, params):
+    """``(plan, treedef, present, decay flags)`` for a fused step, or why there is none."""
+    plan = _plan(tx)
+    if isinstance(plan, str):
+        return plan
+    if not native.use_native():
+        return f"the native kernels are not in use ({native.unavailable_reason() or 'pure_jax()'})"
+    prepared = plan.rule.prepare(state[0])
+    if prepared.kernel is None:
+        return (
+            "this configuration of the rule has no native kernel (hyperparameters must be "
+            "Python numbers, eps_root=0, no Nesterov; AdaMax, RMSProp and AdaGrad have none)"
+        )
+    present = [j for j, tree in enumerate(prepared.states) if tree is not None]
+    ps, treedef = jax.tree.flatten(params)
+    if not ps:
+        return "there are no parameters"
+    try:
+        gs = treedef.flatten_up_to(grads)
+        cols = [treedef.flatten_up_to(prepared.states[j]) for j in present]
+    except (ValueError, TypeError):
+        return "the gradients or the state do not have the parameters' structure"
+    decay = _decay_flags(plan.decay, params)
+    if decay is None:
+        return "the weight-decay mask is not a static tree of booleans"
+    for i, (p, g) in enumerate(zip(ps, gs, strict=True)):
+        if not native.is_native_leaf(p, g, *(col[i] for col in cols)):
+            return (
+                f"leaf {i} is not a float32 array of the CPU with float32 gradient and state "
+                f"(shape {jnp.shape(p)}, dtype {jnp.result_type(p)}; 8-bit or other-dtype state, "
+                "other devices and traced hyperparameters run the two calls)"
+            )
+    return plan, treedef, present, decay
+
+
+def fusion_reason(
+    tx: optax.GradientTransformation, grads: PyTree, state: optax.OptState, params: PyTree
+) -> str | None:
+    """Why :func:`fused_step` would run ``update`` + ``apply_updates`` here; ``None`` if it fuses.
+
+    Args:
+      tx, grads, state, params: as for :func:`fused_step`.
+
+    Returns:
+      ``None`` when the step runs as one native call per group of leaves,
+      otherwise a sentence naming the first condition that fails.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> import bayesopt_jax as bj
+      >>> p = {"w": jnp.ones(3)}
+      >>> sgd = optax.sgd(0.1)
+      >>> print(bj.fusion_reason(sgd, p, sgd.init(p), p)[:40])
+      the transformation is not a chain built
+      >>> try:
+      ...     bj.fused_step(sgd, p, sgd.init(p), p, strict=True)
+      ... except ValueError as err:
+      ...     print(str(err)[:38])
+      fused_step(strict=True): not fused: th
+    """
+    plan = _fusion_plan(tx, grads, state, params)
+    return plan if isinstance(plan, str) else None
 
 
 def native_available() -> bool:

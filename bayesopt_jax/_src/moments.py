@@ -17,10 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from bayesopt_jax._src import validation
-
-Array = jax.Array
-PyTree = Any
-
+from bayesopt_jax._src.types import Array, PyTree
 
 # --------------------------------------------------------------------------
 # dtypes
@@ -112,7 +109,7 @@ def store(x: Array, dtype: Any) -> Array:
     return x.astype(dtype)
 
 
-def _concrete_layout(x: Any) -> tuple[tuple[int, ...], Any, Any] | None:
+def concrete_layout(x: Any) -> tuple[tuple[int, ...], Any, Any] | None:
     """``(shape, dtype, sharding)`` of a concrete array or a ``ShapeDtypeStruct``; else None.
 
     The sharding is None where the buffer should be left uncommitted.
@@ -143,7 +140,7 @@ def zeros_like(x: Array, dtype: Any = None) -> Array:
     sharding, and ``where`` first removes non-finite values so that
     ``inf * 0`` cannot leak a NaN.
     """
-    layout = _concrete_layout(x)
+    layout = concrete_layout(x)
     if layout is not None:
         shape, x_dtype, sharding = layout
         dtype = jnp.dtype(x_dtype) if dtype is None else jnp.dtype(dtype)
@@ -159,7 +156,7 @@ def zeros_like(x: Array, dtype: Any = None) -> Array:
 
 def full_like(x: Array, value: Any, dtype: Any = None) -> Array:
     """``value`` broadcast like ``x``, following ``x``'s sharding (see :func:`zeros_like`)."""
-    layout = _concrete_layout(x)
+    layout = concrete_layout(x)
     if layout is not None:
         shape, x_dtype, sharding = layout
         dtype = jnp.dtype(x_dtype) if dtype is None else jnp.dtype(dtype)

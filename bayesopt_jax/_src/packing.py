@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
+from bayesopt_jax._src.types import PyTree
 
 
 class _Slot(NamedTuple):

@@ -17,10 +17,8 @@ import optax
 
 from bayesopt_jax._src import moments, quantize, validation, variational
 from bayesopt_jax._src.sigma import ScaleBySigmaFilterState
+from bayesopt_jax._src.types import Array, PyTree
 from bayesopt_jax._src.variational import ScaleByVariationalSigmaFilterState
-
-Array = jax.Array
-PyTree = Any
 
 _STATES = (ScaleBySigmaFilterState, ScaleByVariationalSigmaFilterState)
 

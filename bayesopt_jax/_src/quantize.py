@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -36,11 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from bayesopt_jax._src import moments, validation
-
-Array = jax.Array
+from bayesopt_jax._src.types import Array
 
 CODES = 256
 DECADES = 7
+
+
+F32 = jnp.float32
 
 
 def _decade(count: int, level: int) -> np.ndarray:
@@ -156,10 +159,11 @@ class Blockwise8:
     block_size: int = 256
 
     def __post_init__(self):
-        if not isinstance(self.block_size, int) or self.block_size < 16:
-            raise ValueError(
-                f"Blockwise8: `block_size` must be an int >= 16, got {self.block_size!r}."
-            )
+        size = self.block_size
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 16:
+            raise ValueError(f"Blockwise8: `block_size` must be an int >= 16, got {size!r}.")
+        # any integer type (NumPy's too) is kept as a Python int: hashable, comparable, static
+        object.__setattr__(self, "block_size", int(size))
 
 
 class Quantized(NamedTuple):
@@ -179,6 +183,9 @@ class Quantized(NamedTuple):
 
     codes: Any
     scale: Any
+
+    # one state array, not a tree of two (for the tree checks of ``validation``)
+    stands_for_one_array = True
 
     @property
     def signed(self) -> bool:
@@ -215,6 +222,11 @@ def _blocked(x: Array, blocks: int) -> tuple[Array, int]:
     return x.reshape(*x.shape[:-1], blocks, run), pad
 
 
+def _unblocked(xb: Array) -> Array:
+    """``(..., blocks, run)`` back to ``(..., blocks * run)`` (sizes spelt out: a leading axis may be 0)."""
+    return xb.reshape(*xb.shape[:-2], xb.shape[-2] * xb.shape[-1])
+
+
 def _max_magnitude(xb: Array) -> Array:
     """``max |x|`` over the last axis, NaN where a NaN is (with the largest NaN's bits).
 
@@ -240,7 +252,7 @@ def _encode(x: Array, signed: bool, blocks: int) -> Quantized:
     index = _nearest(normal, signed)
     index = jnp.where(jnp.isfinite(scale)[..., None], index, 0)
     codes = (index - 128).astype(jnp.int8) if signed else index.astype(jnp.uint8)
-    codes = codes.reshape(*codes.shape[:-2], -1)
+    codes = _unblocked(codes)
     if pad:
         codes = codes[..., : codes.shape[-1] - pad]
     return Quantized(codes.reshape(shape), scale)
@@ -262,7 +274,7 @@ def decode(q: Quantized) -> Array:
     values, _ = _tables(q.signed)
     index = q.codes.astype(jnp.int32) + (128 if q.signed else 0)
     xb, pad = _blocked(jnp.asarray(values)[index], q.scale.shape[-1])
-    out = (xb * q.scale[..., None]).reshape(*xb.shape[:-2], -1)
+    out = _unblocked(xb * q.scale[..., None])
     if pad:
         out = out[..., : out.shape[-1] - pad]
     return out.reshape(q.shape)
@@ -292,12 +304,61 @@ def encoded_like(tree: Any, stored: Any) -> Any:
 
 def zeros(x: Any, fmt: Blockwise8, signed: bool) -> Quantized:
     """Storage of zeros shaped like ``x`` (an array or ``ShapeDtypeStruct``), sharded like it."""
-    return encode(moments.zeros_like(x, jnp.float32), fmt, signed)
+    return full(x, 0.0, fmt, signed)
 
 
 def full(x: Any, value: Any, fmt: Blockwise8, signed: bool) -> Quantized:
-    """Storage of ``value`` everywhere, shaped and sharded like ``x`` (exact: code ±1, scale |value|)."""
-    return encode(moments.full_like(x, value, jnp.float32), fmt, signed)
+    """Storage of ``value`` everywhere, shaped and sharded like ``x`` (exact: code ±1, scale |value|).
+
+    What :func:`encode` gives for the full array, built without running the
+    encoder over it: every block holds the same values, so one encoded entry
+    gives every code and every scale (a first ``init`` of many shapes then
+    costs what ``jnp.full`` costs, eagerly and under ``jit``).
+    """
+    try:
+        code, magnitude = _one_entry(float(value), signed)
+    except (TypeError, jax.errors.ConcretizationTypeError):  # a traced value: encode it all
+        return encode(moments.full_like(x, value, jnp.float32), fmt, signed)
+    shape = tuple(jnp.shape(x))
+    blocks = _blocks(shape, fmt.block_size)
+    scale_shape = (*shape[:-1], blocks) if shape else (1,)
+    layout = moments.concrete_layout(x)
+    if layout is not None and (layout[2] is None or _splits_like_arrays(layout[2])):
+        sharding = layout[2]
+        at = Quantized(None, None)
+        if sharding is not None:
+            spec = jax.ShapeDtypeStruct(shape, code.dtype), jax.ShapeDtypeStruct(scale_shape, F32)
+            at = stored_shardings(Quantized(*spec), sharding)
+        # Made by NumPy and placed: no XLA program to compile per new shape.
+        return Quantized(
+            _placed(np.full(shape, code), at.codes),
+            _placed(np.full(scale_shape, magnitude), at.scale),
+        )
+    # Under a trace: computed from x, so that both arrays follow x's sharding.
+    codes = moments.full_like(x, code, code.dtype)
+    if shape and shape[-1] >= blocks:  # the first `blocks` entries of the last axis, as a pattern
+        scale = moments.full_like(jnp.asarray(x)[..., :blocks], magnitude, F32)
+    else:
+        scale = jnp.full(scale_shape, magnitude, F32)
+    return Quantized(codes, scale)
+
+
+def _placed(x: np.ndarray, sharding: Any) -> Array:
+    """``x`` on ``sharding`` (uncommitted on the default device where that is ``None``)."""
+    return jnp.asarray(x) if sharding is None else jax.device_put(x, sharding)
+
+
+def _splits_like_arrays(sharding: Any) -> bool:
+    """Whether :func:`stored_shardings` can place a state's scales for ``sharding``."""
+    return isinstance(sharding, jax.sharding.NamedSharding | jax.sharding.SingleDeviceSharding)
+
+
+@functools.cache
+def _one_entry(value: float, signed: bool) -> tuple[np.ndarray, np.float32]:
+    """The code and the scale that :func:`encode` gives a block of ``value`` alone."""
+    with jax.ensure_compile_time_eval():
+        one = _encode(jnp.full((1,), value, F32), signed, 1)
+        return np.asarray(one.codes)[0], np.float32(one.scale[0])
 
 
 def state_like(

@@ -34,9 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from bayesopt_jax._src import moments, validation
-
-Array = jax.Array
-PyTree = Any
+from bayesopt_jax._src.types import Array, PyTree
 
 _F32 = jnp.float32
 

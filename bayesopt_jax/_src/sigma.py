@@ -23,10 +23,8 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from bayesopt_jax._src import engine, moments, native, quantize, validation
-
-Array = jax.Array
-PyTree = Any
-ScalarOrSchedule = float | Array | Callable[[Array], Array]
+from bayesopt_jax._src.native import rules
+from bayesopt_jax._src.types import Array, PyTree, ScalarOrSchedule
 
 DEFAULT_EPS = 1e-16
 
@@ -83,9 +81,26 @@ def eta_at(eta: ScalarOrSchedule, count: Array) -> Array:
     return eta(count) if callable(eta) else eta
 
 
-def check_sigma_args(where, eta, beta, b1, eps, sigma_init=None, sigma_max=None, max_ratio=None):
+def check_sigma_args(
+    where,
+    eta,
+    beta,
+    b1,
+    eps,
+    sigma_init=None,
+    sigma_max=None,
+    max_ratio=None,
+    *,
+    filter_start=False,
+):
+    """The σ-filters' arguments; ``filter_start``: σ starts at its fixed point when
+    ``sigma_init`` is ``None``, which needs a constant η > 0."""
     if not callable(eta):
         validation.check_nonnegative("eta", eta, where)
+    if filter_start and sigma_init is None and not callable(eta):
+        validation.check_range(
+            "eta", eta, low=0.0, low_inclusive=False, where=where + " (with sigma_init=None)"
+        )
     validation.check_decay("beta", beta, where)
     validation.check_decay("b1", b1, where)
     validation.check_range("eps", eps, low=0.0, low_inclusive=False, where=where)
@@ -163,7 +178,7 @@ class StateDtypes(NamedTuple):
             quantize.check_state_dtype(name, dtype, where)
 
 
-def _init_sigma_state(params, b1, sigma_init, dtypes=None, where="scale_by_sigma_filter"):
+def init_sigma_state(params, b1, sigma_init, dtypes=None, where="scale_by_sigma_filter"):
     dtypes = StateDtypes() if dtypes is None else dtypes
 
     def buffer(dtype, name, signed=False, value=None):
@@ -189,8 +204,8 @@ class Guards(NamedTuple):
 def _kernel(guards, eta_t, count, beta, b1, bias_correction, eps):
     """The native "sigma"/"sigma_momentum" rule for these settings, or ``None``.
 
-    Its scalars are formed as the pure path forms them (see ``kernels.cc``
-    for the layout). ``eta`` may be traced (a schedule); the rest must be
+    Its scalars (:class:`~bayesopt_jax._src.native.rules.SigmaScalars`) are
+    formed as the pure path forms them. ``eta`` may be traced (a schedule); the rest must be
     Python numbers.
     """
     statics = [beta, b1, eps]
@@ -207,12 +222,12 @@ def _kernel(guards, eta_t, count, beta, b1, bias_correction, eps):
     e = jnp.asarray(eta_t, f32)
     first = (count == 1) if guards.sigma_init is None else False
     ratio_on = (e > 0) if guards.max_ratio is not None else False
-    values = [
-        beta, 1 - beta, rs, eps, e, e * e, first, ratio_on, guards.max_ratio or 0.0,
-        guards.sigma_max is not None, guards.sigma_max or 0.0, guards.fixed_point,
-        moments.clip_limit(f32), b1, 1 - b1, rm,
-    ]  # fmt: skip
-    scalars = jnp.stack([jnp.asarray(x, f32) for x in values])
+    scalars = rules.SigmaScalars(
+        beta=beta, one_minus_beta=1 - beta, rs=rs, floor=eps, eta=e, eta2=e * e, first=first,
+        ratio_on=ratio_on, kappa=guards.max_ratio or 0.0, max_on=guards.sigma_max is not None,
+        sigma_max=guards.sigma_max or 0.0, fixed_point=guards.fixed_point,
+        clip=moments.clip_limit(f32), b1=b1, one_minus_b1=1 - b1, rm=rm,
+    )  # fmt: skip
     if momentum:
         return engine.Kernel("sigma_momentum", scalars, _finish_momentum)
     return engine.Kernel("sigma", scalars, _finish)
@@ -223,9 +238,9 @@ def _finish(sc, g, s, sig):
     return sig * moments.to_compute_again(g)
 
 
-def _finish_momentum(sc, g, m, s, sig):
-    """u = σ·m/(1-b1^t) from the kernel's new state (``sc[15]`` = 1/(1-b1^t))."""
-    return sig * (m * sc[15])
+def _finish_momentum(sc: rules.SigmaScalars, g, m, s, sig):
+    """u = σ·m/(1-b1^t) from the kernel's new state."""
+    return sig * (m * sc.rm)
 
 
 def _sigma_transformation(where, guards, eta, beta, b1, bias_correction, eps, dtypes):
@@ -240,7 +255,7 @@ def _sigma_transformation(where, guards, eta, beta, b1, bias_correction, eps, dt
         new_sigma = filter_rule(guards.sigma_init, guards.sigma_max, guards.max_ratio)
 
     def init_fn(params):
-        return _init_sigma_state(params, b1, guards.sigma_init, dtypes, where)
+        return init_sigma_state(params, b1, guards.sigma_init, dtypes, where)
 
     def make_leaf(args):
         count, eta_t = args
@@ -357,11 +372,7 @@ def scale_by_sigma_filter(
       derivation this implements.
     """
     where = "scale_by_sigma_filter"
-    check_sigma_args(where, eta, beta, b1, eps, sigma_init, sigma_max, max_ratio)
-    if sigma_init is None and not callable(eta):
-        validation.check_range(
-            "eta", eta, low=0.0, low_inclusive=False, where=where + " (with sigma_init=None)"
-        )
+    check_sigma_args(where, eta, beta, b1, eps, sigma_init, sigma_max, max_ratio, filter_start=True)
 
     dtypes = StateDtypes(mu_dtype, nu_dtype, sigma_dtype)
     dtypes.check(where)

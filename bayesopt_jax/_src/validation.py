@@ -130,21 +130,35 @@ def check_update(where: str, updates: Any, state: Any, params: Any) -> None:
         _same_shapes(where, leaves, p_leaves, "`params`")
     bare = jax.tree_util.treedef_is_leaf(treedef)
     for field, part in _state_parts(state):
-        if jax.tree.structure(part) != treedef:
+        if jax.tree.structure(part, is_leaf=_one_leaf) != treedef:
             continue
-        if bare and not (
-            jax.numpy.issubdtype(jax.numpy.result_type(part), jax.numpy.inexact)
-            and np.ndim(part) == np.ndim(leaves[0][1])
+        if (
+            bare
+            and not _one_leaf(part)
+            and not (
+                jax.numpy.issubdtype(jax.numpy.result_type(part), jax.numpy.inexact)
+                and np.ndim(part) == np.ndim(leaves[0][1])
+            )
         ):
             continue  # a single-array model: only same-rank float buffers mirror it, not counts
         _same_shapes(where, leaves, treedef.flatten_up_to(part), f"the state's `{field}`")
+
+
+def _one_leaf(x: Any) -> bool:
+    """Whether ``x`` is a node that stands for one state array (say, 8-bit storage).
+
+    Such a node class sets ``stands_for_one_array = True`` and has a ``shape``:
+    the checks compare that shape and never look inside.
+    """
+    return getattr(type(x), "stands_for_one_array", False) is True
 
 
 def _same_shapes(where: str, leaves, others, what: str) -> None:
     for (path, g), o in zip(leaves, others, strict=True):
         if g is None or o is None or not hasattr(o, "shape"):
             continue
-        if np.shape(g) != np.shape(o):
+        shape = tuple(o.shape) if _one_leaf(o) else np.shape(o)
+        if np.shape(g) != shape:
             raise ValueError(
                 f"{where}: at {jax.tree_util.keystr(path) or 'the root'}, the gradient has shape "
                 f"{tuple(np.shape(g))} but {what} has shape {tuple(np.shape(o))}; was the "
@@ -154,6 +168,8 @@ def _same_shapes(where: str, leaves, others, what: str) -> None:
 
 def _state_parts(state: Any):
     """(field name, value) for every field of the named tuples in ``state``."""
+    if _one_leaf(state):
+        return  # one state array: its parts mirror nothing
     if isinstance(state, tuple) and hasattr(state, "_fields"):
         skip = getattr(state, "not_per_parameter", ())  # fields a state declares are no mirrors
         for name in state._fields:

@@ -19,18 +19,14 @@ noise ε of step t is a function of the state's key and step count alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from bayesopt_jax._src import moments, quantize, sigma, validation
-
-Array = jax.Array
-PyTree = Any
-ScalarOrSchedule = float | Array | Callable[[Array], Array]
+from bayesopt_jax._src import draws, moments, quantize, sigma, validation
+from bayesopt_jax._src.types import Array, PyTree, ScalarOrSchedule
 
 CURVATURES = ("variance", "reparam", "evidence")
 DEFAULT_ETA = 3e-3
@@ -44,7 +40,8 @@ class ScaleByVariationalSigmaFilterState(NamedTuple):
     Attributes:
       count: number of updates so far (int32, saturating).
       key: raw ``uint32`` data of the PRNG key the training noise derives from
-        (constant; the noise of step t is drawn from ``fold_in(key, count)``).
+        (constant; the noise of step t derives from ``fold_in(key, count)``, see
+        :func:`noise_tree`).
       mu: EMA of gradients when ``b1`` is not a plain 0, otherwise ``None``.
       nu: the evidence ``s``, an EMA of squared gradients.
       sigma: the filter's step variance σ (learning-rate units).
@@ -150,15 +147,16 @@ def variance_tree(state: ScaleByVariationalSigmaFilterState) -> PyTree:
 def noise_tree(state: ScaleByVariationalSigmaFilterState) -> PyTree:
     """The standard normal ε of the coming step, one array per (unmasked) leaf.
 
-    Depends only on ``state.key`` and ``state.count``: the same state gives
-    the same noise, on any device layout (JAX's threefry is partitionable).
+    Depends only on ``state.key``, ``state.count`` and each entry's position:
+    the same state gives the same noise on any device layout. One threefry
+    draw per step gives every leaf its key words; each entry's value is a
+    keyed hash of its index (:mod:`bayesopt_jax._src.draws`).
     """
     leaves, treedef = jax.tree.flatten(decoded_state(state).nu)
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
-    keys = jax.random.split(key, max(len(leaves), 1))
+    words = draws.step_words(state.key, state.count, len(leaves))
     out = [
-        jax.random.normal(k, x.shape, moments.real_dtype(moments.compute_dtype(x.dtype)))
-        for k, x in zip(keys, leaves, strict=False)
+        draws.normal(words[i], x.shape, moments.real_dtype(moments.compute_dtype(x.dtype)))
+        for i, x in enumerate(leaves)
     ]
     return treedef.unflatten(out)
 
@@ -363,7 +361,9 @@ def scale_by_variational_sigma_filter(
       and non-adaptive neural network optimization methods*, NeurIPS 2020.
     """
     where = "scale_by_variational_sigma_filter"
-    sigma.check_sigma_args(where, eta, beta, b1, eps, sigma_init, sigma_max, max_ratio)
+    sigma.check_sigma_args(
+        where, eta, beta, b1, eps, sigma_init, sigma_max, max_ratio, filter_start=True
+    )
     validation.check_range("num_data", num_data, low=0.0, low_inclusive=False, where=where)
     learned_prior = prior_precision is None
     if not learned_prior:
@@ -377,10 +377,6 @@ def scale_by_variational_sigma_filter(
     if batch_size is not None:
         validation.check_range("batch_size", batch_size, low=1.0, where=where)
     validation.check_decay("hess_decay", hess_decay, where)
-    if sigma_init is None and not callable(eta):
-        validation.check_range(
-            "eta", eta, low=0.0, low_inclusive=False, where=where + " (with sigma_init=None)"
-        )
     key_data = validation.key_data(key, where)
     dtypes = sigma.StateDtypes(mu_dtype, nu_dtype, sigma_dtype)
     dtypes.check(where)
@@ -400,7 +396,7 @@ def scale_by_variational_sigma_filter(
                     "values, and a leaf is a ShapeDtypeStruct; for an abstract state use "
                     "jax.eval_shape(tx.init, params), or fix prior_precision."
                 )
-        base = sigma._init_sigma_state(params, b1, sigma_init, dtypes, where)
+        base = sigma.init_sigma_state(params, b1, sigma_init, dtypes, where)
         hess = None
         if curvature == "variance":  # a mean of squares: stored like the evidence
             hess = quantize.state_like(params, nu_dtype, signed=False, name="nu_dtype", where=where)

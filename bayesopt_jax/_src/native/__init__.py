@@ -21,7 +21,7 @@ when it loads, or the one named by ``BAYESOPT_JAX_NATIVE_ISA``. All copies
 give the same bits.
 
 On first use every kernel is checked against a float64 NumPy transcription of
-its rule (:mod:`.reference`) on a small problem, on this process's own CPU
+its rule (:mod:`.transcriptions`) on a small problem, on this process's own CPU
 device only, so every process of a multi-process run reaches the same
 decision; a disagreement beyond the rounding bound, or any error, turns the
 kernels off with a warning.
@@ -36,7 +36,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,26 +51,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlib.mlir import ir
 
 from bayesopt_jax._src import quantize
-from bayesopt_jax._src.native import reference
+from bayesopt_jax._src.native import rules, transcriptions
 
 HERE = Path(__file__).resolve().parent
-ABI_VERSION = 5
+ABI_VERSION = 6  # kernels.cc's BJ_ABI_VERSION
 
 
-class Rule(NamedTuple):
-    """A rule of ``kernels.cc``: its number of state buffers and of scalars."""
-
-    states: int
-    scalars: int
-    symbol: str  # the handlers are Bj<symbol>UpdateF32, Bj<symbol>StepF32, Bj<symbol>UpdateQ8
-
-
-RULES = {
-    "adam": Rule(2, 8, "Adam"),
-    "amsgrad": Rule(3, 9, "Amsgrad"),
-    "sigma": Rule(2, 16, "Sigma"),
-    "sigma_momentum": Rule(3, 16, "SigmaMomentum"),
-}
+RULES = rules.RULES  # the rule table, declared once (rules.py)
 STREAM_TARGET = "bayesopt_jax_stream_f32"
 
 
@@ -113,6 +100,9 @@ def _load() -> str | None:
         lib = ctypes.cdll.LoadLibrary(str(path))
         if lib.bj_native_abi_version() != ABI_VERSION:
             return f"{path.name} is from another version of bayesopt_jax; reinstall"
+        lib.bj_native_rules.restype = ctypes.c_char_p
+        if why := rules.table_mismatch(lib.bj_native_rules().decode()):
+            return f"{path.name}: {why}; reinstall"
         lib.bj_native_isa.restype = ctypes.c_char_p
         lib.bj_native_isas.restype = ctypes.c_char_p
         lib.bj_native_isas.argtypes = [ctypes.c_int]
@@ -582,9 +572,9 @@ def check_rule(rule: str, scalars: jax.Array, states: list) -> None:
     if rule not in RULES:
         raise ValueError(f"no native rule {rule!r}; known: {sorted(RULES)}")
     want = RULES[rule]
-    if len(states) != want.states or jnp.shape(scalars) != (want.scalars,):
+    if len(states) != want.states or jnp.shape(scalars) != (want.n_scalars,):
         raise ValueError(
-            f"rule {rule!r} takes {want.states} state buffers and {want.scalars} scalars, "
+            f"rule {rule!r} takes {want.states} state buffers and {want.n_scalars} scalars, "
             f"got {len(states)} and shape {jnp.shape(scalars)}"
         )
 
@@ -596,7 +586,7 @@ def self_test() -> str | None:
     first CPU device and on arrays it creates itself, so that in a
     multi-process run (``jax.distributed``) every process runs the same
     check on its own device and reaches the same decision. For every rule
-    and every branch of it (see :func:`.reference.cases`), a few leaves (one large
+    and every branch of it (see :func:`.transcriptions.cases`), a few leaves (one large
     enough to be split across threads) with ordinary, tiny, huge and
     non-finite gradients go through the update kernel (the state) and the
     step kernel (state and parameters, weight decay on two of the three
@@ -612,8 +602,8 @@ def self_test() -> str | None:
     values, mids, _, _ = quantize.kernel_tables()
     factor, wd = -1e-3, 0.1
     decay = [True, False, True]
-    for rule, sc in reference.cases():
-        ps, gs, states = reference.inputs(rule, rng)
+    for rule, sc in transcriptions.cases():
+        ps, gs, states = transcriptions.inputs(rule, rng)
         k = len(ps)
 
         def program(sc, fw, ps, gs, states, stored, decoded, rule=rule):
@@ -624,9 +614,12 @@ def self_test() -> str | None:
 
         # The same leaves with the state in 8-bit storage (blocks of 16),
         # encoded in NumPy, so that the program holds only kernel calls.
-        signed = reference.SIGNED[rule]
+        signed = RULES[rule].signed
         encoded = [
-            [reference.stored(x, values[int(j in signed)], mids[int(j in signed)], 16) for x in col]
+            [
+                transcriptions.stored(x, values[int(j in signed)], mids[int(j in signed)], 16)
+                for x in col
+            ]
             for j, col in enumerate(states)
         ]
         stored = [
@@ -657,7 +650,7 @@ def self_test() -> str | None:
         ]
         want = [
             [
-                reference.stored(
+                transcriptions.stored(
                     np.asarray(x), values[int(j in signed)], mids[int(j in signed)], 16
                 )[:2]
                 for x in col
@@ -665,9 +658,11 @@ def self_test() -> str | None:
             for j, col in enumerate(plain)
         ]
         for i in range(k):
-            why = reference.check_leaf(i, rule, sc, fw, ps, gs, states, new, new_ps, stepped, decay)
+            why = transcriptions.check_leaf(
+                i, rule, sc, fw, ps, gs, states, new, new_ps, stepped, decay
+            )
             if why is None:
-                why = reference.check_stored_leaf(i, rule, sc, gs, decoded, us, got, want)
+                why = transcriptions.check_stored_leaf(i, rule, sc, gs, decoded, us, got, want)
             if why is not None:
                 return why
     return None

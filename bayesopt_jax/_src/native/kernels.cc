@@ -399,21 +399,21 @@ struct Fns {
 using SigmaPlain = Sigma<false>;
 using SigmaMomentum = Sigma<true>;
 
-#define BJ_DEFINE_VARIANT(SUFFIX, ATTRIBUTES)                    \
-  BJ_DEFINE_RULE(Adam, Adam, SUFFIX, ATTRIBUTES)                 \
-  BJ_DEFINE_RULE(Amsgrad, Amsgrad, SUFFIX, ATTRIBUTES)           \
-  BJ_DEFINE_RULE(Sigma, SigmaPlain, SUFFIX, ATTRIBUTES)          \
-  BJ_DEFINE_RULE(SigmaMomentum, SigmaMomentum, SUFFIX, ATTRIBUTES)
+// The rule table, the one place a rule is listed: its Python name (the FFI
+// targets' and rules.py's), its handlers' symbol and its struct. Every list
+// below (instruction-set copies, dispatch, handlers, the exported table) is
+// generated from it; the loader checks the exported table against rules.py.
+#define BJ_RULES(X, ...)                                   \
+  X(adam, Adam, Adam, __VA_ARGS__)                         \
+  X(amsgrad, Amsgrad, Amsgrad, __VA_ARGS__)                \
+  X(sigma, Sigma, SigmaPlain, __VA_ARGS__)                 \
+  X(sigma_momentum, SigmaMomentum, SigmaMomentum, __VA_ARGS__)
 
-#define BJ_VARIANT_TABLE(SUFFIX)                                                     \
-  {UpdateAdam##SUFFIX, StepAdam##SUFFIX, StepDecayAdam##SUFFIX, Q8Adam##SUFFIX},     \
-      {UpdateAmsgrad##SUFFIX, StepAmsgrad##SUFFIX, StepDecayAmsgrad##SUFFIX,         \
-       Q8Amsgrad##SUFFIX},                                                           \
-      {UpdateSigma##SUFFIX, StepSigma##SUFFIX, StepDecaySigma##SUFFIX, Q8Sigma##SUFFIX}, \
-  {                                                                                  \
-    UpdateSigmaMomentum##SUFFIX, StepSigmaMomentum##SUFFIX,                          \
-        StepDecaySigmaMomentum##SUFFIX, Q8SigmaMomentum##SUFFIX                      \
-  }
+#define BJ_DEFINE_ONE(PY, NAME, RULE, SUFFIX, ATTRIBUTES) BJ_DEFINE_RULE(NAME, RULE, SUFFIX, ATTRIBUTES)
+#define BJ_DEFINE_VARIANT(SUFFIX, ATTRIBUTES) BJ_RULES(BJ_DEFINE_ONE, SUFFIX, ATTRIBUTES)
+#define BJ_TABLE_ENTRY(PY, NAME, RULE, SUFFIX) \
+  {Update##NAME##SUFFIX, Step##NAME##SUFFIX, StepDecay##NAME##SUFFIX, Q8##NAME##SUFFIX},
+#define BJ_VARIANT_TABLE(SUFFIX) BJ_RULES(BJ_TABLE_ENTRY, SUFFIX)
 
 BJ_DEFINE_VARIANT(Baseline, )
 bool Always() { return true; }
@@ -434,13 +434,11 @@ bool HasAvx512() {
 }
 #endif
 
+#define BJ_FNS_MEMBER(PY, NAME, RULE, ...) Fns<RULE> PY;
 struct Variant {
   const char* name;
   bool (*supported)();
-  Fns<Adam> adam;
-  Fns<Amsgrad> amsgrad;
-  Fns<SigmaPlain> sigma;
-  Fns<SigmaMomentum> sigma_momentum;
+  BJ_RULES(BJ_FNS_MEMBER, )
 };
 
 // Best first.
@@ -470,16 +468,13 @@ const Variant& Active() {
 
 template <class R>
 const Fns<R>& ActiveFns();
-template <>
-const Fns<Adam>& ActiveFns<Adam>() { return Active().adam; }
-template <>
-const Fns<Amsgrad>& ActiveFns<Amsgrad>() { return Active().amsgrad; }
-template <>
-const Fns<SigmaPlain>& ActiveFns<SigmaPlain>() { return Active().sigma; }
-template <>
-const Fns<SigmaMomentum>& ActiveFns<SigmaMomentum>() { return Active().sigma_momentum; }
+#define BJ_ACTIVE_FNS(PY, NAME, RULE, ...) \
+  template <>                              \
+  const Fns<RULE>& ActiveFns<RULE>() {     \
+    return Active().PY;                    \
+  }
+BJ_RULES(BJ_ACTIVE_FNS, )
 
-// A piece of one leaf.
 struct Chunk {
   int leaf;
   int64_t begin, end;
@@ -825,13 +820,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BjStreamF32, Stream,
                                     .Attr<ffi::Span<const int64_t>>("last")   \
                                     .Attr<int64_t>("top_min"));
 
-BJ_REGISTER_RULE(Adam, Adam)
-BJ_REGISTER_RULE(Amsgrad, Amsgrad)
-BJ_REGISTER_RULE(Sigma, SigmaPlain)
-BJ_REGISTER_RULE(SigmaMomentum, SigmaMomentum)
+#define BJ_REGISTER_ONE(PY, NAME, RULE, ...) BJ_REGISTER_RULE(NAME, RULE)
+BJ_RULES(BJ_REGISTER_ONE, )
 
-// Lets the loader check that the library matches the Python side.
-extern "C" int bj_native_abi_version() { return 5; }
+// Lets the loader check that the library matches the Python side: the
+// version of the calling convention, and the rule table ("name:states:scalars"
+// joined by ";"), which rules.py must equal.
+#define BJ_ABI_VERSION 6
+extern "C" int bj_native_abi_version() { return BJ_ABI_VERSION; }
+
+extern "C" const char* bj_native_rules() {
+  static const std::string table = [] {
+    std::string out;
+#define BJ_TABLE_TEXT(PY, NAME, RULE, ...)                                        \
+  out += std::string(out.empty() ? "" : ";") + #PY + ":" + std::to_string(RULE::kStates) + \
+         ":" + std::to_string(RULE::kScalars);
+    BJ_RULES(BJ_TABLE_TEXT, )
+#undef BJ_TABLE_TEXT
+    return out;
+  }();
+  return table.c_str();
+}
 
 // The instruction-set copy in use ("avx512", "avx2" or "baseline").
 extern "C" const char* bj_native_isa() { return Active().name; }

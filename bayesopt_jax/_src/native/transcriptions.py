@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from bayesopt_jax._src.native import rules
+
 F32 = np.float32
 CLIP = math.sqrt(float(np.finfo(F32).max)) / 2
 
@@ -31,26 +33,27 @@ def _min_nan(a, b):
 
 
 def adam(sc, g, m, v):
-    b1, c1, b2, c2, r1, r2, eps, _ = sc
+    k = rules.AdamScalars(*sc)
     gc = _clip(g)
-    m = m * b1 + gc * c1
-    v = v * b2 + gc * gc * c2
-    return (m * r1) / (np.sqrt(v * r2) + eps), m, v
+    m = m * k.b1 + gc * k.one_minus_b1
+    v = v * k.b2 + gc * gc * k.one_minus_b2
+    return (m * k.r1) / (np.sqrt(v * k.r2) + k.eps), m, v
 
 
 def amsgrad(sc, g, m, v, n):
-    b1, c1, b2, c2, r1, r2, eps, _, raw = sc
+    k = rules.AmsgradScalars(*sc)
     gc = _clip(g)
-    m = m * b1 + gc * c1
-    v = v * b2 + gc * gc * c2
-    n = _max_nan(n, v if raw else v * r2)
-    v_eff = n * r2 if raw else n
-    return (m * r1) / (np.sqrt(v_eff) + eps), m, v, n
+    m = m * k.b1 + gc * k.one_minus_b1
+    v = v * k.b2 + gc * gc * k.one_minus_b2
+    n = _max_nan(n, v if k.raw else v * k.r2)
+    v_eff = n * k.r2 if k.raw else n
+    return (m * k.r1) / (np.sqrt(v_eff) + k.eps), m, v, n
 
 
 def sigma(sc, g, *state):
-    beta, cb, rs, floor, eta, eta2, first, ratio_on, kappa, max_on, smax, fixed = sc[:12]
-    b1, c1, rm = sc[13:]
+    k = rules.SigmaScalars(*sc)
+    beta, cb, rs, floor, eta, eta2 = k.beta, k.one_minus_beta, k.rs, k.floor, k.eta, k.eta2
+    b1, c1, rm, kappa, smax = k.b1, k.one_minus_b1, k.rm, k.kappa, k.sigma_max
     if len(state) == 3:
         m, s, sig = state
     else:
@@ -63,18 +66,17 @@ def sigma(sc, g, *state):
         m = m * b1 + gc * c1
         d = m * rm
     star = eta2 / 2 + eta * np.sqrt(eta2 / 4 + 1 / s_hat)
-    sig = star if (first or fixed) else sig / (1 + s_hat * sig) + eta2
-    if ratio_on:
+    sig = star if (k.first or k.fixed_point) else sig / (1 + s_hat * sig) + eta2
+    if k.ratio_on:
         sig = _min_nan(sig, kappa * star)
-    if max_on:
+    if k.max_on:
         sig = _min_nan(sig, smax)
     u = sig * d
     return (u, s, sig) if m is None else (u, m, s, sig)
 
 
 RULES = {"adam": adam, "amsgrad": amsgrad, "sigma": sigma, "sigma_momentum": sigma}
-# The signed state buffers of each rule (the first moment); the others are >= 0.
-SIGNED = {"adam": (0,), "amsgrad": (0,), "sigma": (), "sigma_momentum": (0,)}
+assert RULES.keys() == rules.RULES.keys(), "a transcription per native rule"
 
 
 def _f32(*values) -> np.ndarray:
@@ -115,7 +117,7 @@ def inputs(rule: str, rng: np.random.Generator):
     gs[0][: specials.size] = specials
     states = []
     for j in range(n_states):
-        if j in SIGNED[rule]:
+        if j in rules.RULES[rule].signed:
             states.append([(rng.normal(size=s) * 1e-3).astype(F32) for s in sizes])
         else:  # second moments, maxima and variances: positive
             states.append([(rng.random(size=s) * 1e-5 + 1e-7).astype(F32) for s in sizes])
@@ -142,7 +144,7 @@ def _mismatch(where: str, got, want, scale) -> str | None:
 
 def check_leaf(i, rule, sc, fw, ps, gs, states, new, new_ps, stepped, decay):
     """Leaf ``i`` of both kernels' results against the transcription; what differs, or None."""
-    fn, signed = RULES[rule], SIGNED[rule]
+    fn, signed = RULES[rule], rules.RULES[rule].signed
     sc64 = [float(x) for x in sc]
     factor, wd = (float(x) for x in fw)
     args = [np.asarray(st[i], np.float64) for st in states]
@@ -174,8 +176,8 @@ def stored(x: np.ndarray, values: np.ndarray, mids: np.ndarray, block: int):
     indices into ``values``, the scales and the decoded float32 values.
     """
     n = x.shape[-1]
-    blocks = -(-n // block)
-    run = -(-n // blocks)
+    blocks = max(1, -(-n // block))  # an empty last axis still has one (empty) block
+    run = max(1, -(-n // blocks))
     pad = np.pad(x.astype(F32), [(0, 0)] * (x.ndim - 1) + [(0, blocks * run - n)])
     xb = pad.reshape(*x.shape[:-1], blocks, run)
     scale = ((xb.view(np.uint32) & np.uint32(0x7FFFFFFF)).max(-1)).view(F32)
@@ -185,7 +187,7 @@ def stored(x: np.ndarray, values: np.ndarray, mids: np.ndarray, block: int):
     index = np.where(np.isfinite(scale)[..., None], index, 0)
     with np.errstate(all="ignore"):
         dec = values[index] * scale[..., None]
-    trim = lambda a: a.reshape(*x.shape[:-1], -1)[..., :n]  # noqa: E731
+    trim = lambda a: a.reshape(*x.shape[:-1], blocks * run)[..., :n]  # noqa: E731
     return trim(index), scale, trim(dec)
 
 
@@ -200,7 +202,7 @@ def check_stored_leaf(i, rule, sc, gs, decoded, us, new, encoded) -> str | None:
     codes and scales must be equal; the updates follow the transcription as
     the float32 kernel's state does.
     """
-    fn, signed = RULES[rule], SIGNED[rule]
+    fn, signed = RULES[rule], rules.RULES[rule].signed
     sc64 = [float(x) for x in sc]
     args = [np.asarray(st[i], np.float64) for st in decoded]
     g = np.asarray(gs[i], np.float64)

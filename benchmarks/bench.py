@@ -196,6 +196,26 @@ OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation], int, int
 }
 
 
+_IVON_PORT: list = []  # IVON's JAX port, when --ivon-optax names its file
+
+
+def _load_ivon_port(path: str) -> None:
+    """Loads IVON's JAX port (``ysngshn/ivon-optax``'s ``ivon.py``) from a path; not shipped here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ivon_optax_port", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _IVON_PORT.append(module)
+    # IVON's settings as in benchmarks/uncertainty_compare.py, ess as our num_data.
+    OPTIMIZERS["ivon-optax + sample"] = (
+        lambda: module.ivon(0.2, ess=10**6, hess_init=0.5, beta2=0.999, weight_decay=1e-4),
+        8,
+        56,
+        "ivon sample",
+    )
+
+
 def time_jax(make_tx, params, grads, repeats: int, warmup: int = 3, how: str = "two-call"):
     """Median step time and compile time of one jitted, donated optimizer step.
 
@@ -232,24 +252,35 @@ def time_jax(make_tx, params, grads, repeats: int, warmup: int = 3, how: str = "
         p, s = step(p, s, g)
         return p, s, drawn
 
+    def ivon_step(p, s, g, key):
+        # IVON's JAX port: its draw (threefry per array), then its update, in one jit.
+        drawn, s = _IVON_PORT[0].sample_parameters(key, p, s)
+        p, s = step(p, s, g)
+        return p, s, drawn
+
     params = jax.tree.map(jnp.copy, params)
     state = jax.jit(tx.init)(params)
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state)) / sum(
         x.size for x in jax.tree.leaves(params)
     )
     t0 = time.perf_counter()
-    if how == "sample":  # the draw lands in the donated gradient buffer, as in a real step
+    extra = ()
+    if how in ("sample", "ivon sample"):  # the draw lands in the donated gradient buffer
         grads = jax.tree.map(jnp.copy, grads)
-        fn = jax.jit(sample_step, donate_argnums=(0, 1, 2))
+        fn = jax.jit(sample_step if how == "sample" else ivon_step, donate_argnums=(0, 1, 2))
+        extra = () if how == "sample" else (jax.random.key(0),)
     else:
         fn = jax.jit(step, donate_argnums=(0, 1))
     with native.pure_jax() if how == "pure" else contextlib.nullcontext():
-        compiled = fn.lower(params, state, grads).compile()
+        compiled = fn.lower(params, state, grads, *extra).compile()
     compile_s = time.perf_counter() - t0
+    keys = iter(jax.random.split(jax.random.key(1), warmup + repeats)) if extra else None
 
     def call(params, state, grads):
         if how == "sample":
             return compiled(params, state, grads)
+        if how == "ivon sample":  # a fresh key per step, split before the clock starts
+            return compiled(params, state, grads, next(keys))
         return (*compiled(params, state, grads), grads)
 
     for _ in range(warmup):
@@ -426,6 +457,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--trees", nargs="+", default=list(TREES), choices=[*TREES, *TINY])
     ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument(
+        "--ivon-optax",
+        default=None,
+        metavar="PATH",
+        help="also time IVON's JAX port (ysngshn/ivon-optax's ivon.py at PATH), draw + update",
+    )
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--json", type=Path, default=Path("outputs/benchmarks/bench.json"))
     ap.add_argument(
@@ -442,6 +479,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="also time Adam against parameter and array counts and plot to PNG",
     )
     args = ap.parse_args(argv)
+    if args.ivon_optax:
+        _load_ivon_port(args.ivon_optax)
+        args.optimizers = [*args.optimizers, "ivon-optax + sample"]
 
     try:
         import torch

@@ -243,6 +243,28 @@ def _finish_momentum(sc: rules.SigmaScalars, g, m, s, sig):
     return sig * (m * sc.rm)
 
 
+def filter_leaf(args, new_sigma, beta, b1, bias_correction, eps) -> Callable[..., tuple]:
+    """The filter's per-leaf rule ``leaf(g, m, s, σ) -> (u, m, s, σ)`` for ``args = (count, η_t)``.
+
+    The one statement of the σ-filter's step, shared by the filter, the fixed
+    point (through ``new_sigma``) and the variational filter.
+    """
+    count, eta_t = args
+    debias = moments.Debias(count)
+
+    def leaf(g, m, s, sig):
+        s_new, s_hat, m_new, d = evidence_and_direction(
+            g, m, s, debias, beta=beta, b1=b1, bias_correction=bias_correction, eps=eps
+        )
+        e = jnp.asarray(eta_t, s_hat.dtype)
+        sig_new = new_sigma(sig.astype(s_hat.dtype), s_hat, e, count)
+        m_out = None if m_new is None else moments.store(m_new, m.dtype)
+        u = moments.store(sig_new * d, g.dtype)
+        return u, m_out, moments.store(s_new, s.dtype), moments.store(sig_new, sig.dtype)
+
+    return leaf
+
+
 def _sigma_transformation(where, guards, eta, beta, b1, bias_correction, eps, dtypes):
     """The shared skeleton: evidence, direction, σ by ``guards``, u = σ d."""
     if guards.fixed_point:
@@ -258,20 +280,7 @@ def _sigma_transformation(where, guards, eta, beta, b1, bias_correction, eps, dt
         return init_sigma_state(params, b1, guards.sigma_init, dtypes, where)
 
     def make_leaf(args):
-        count, eta_t = args
-        debias = moments.Debias(count)
-
-        def leaf(g, m, s, sig):
-            s_new, s_hat, m_new, d = evidence_and_direction(
-                g, m, s, debias, beta=beta, b1=b1, bias_correction=bias_correction, eps=eps
-            )
-            e = jnp.asarray(eta_t, s_hat.dtype)
-            sig_new = new_sigma(sig.astype(s_hat.dtype), s_hat, e, count)
-            m_out = None if m_new is None else moments.store(m_new, m.dtype)
-            u = moments.store(sig_new * d, g.dtype)
-            return u, m_out, moments.store(s_new, s.dtype), moments.store(sig_new, sig.dtype)
-
-        return leaf
+        return filter_leaf(args, new_sigma, beta, b1, bias_correction, eps)
 
     def prepare(state):
         count = optax.safe_increment(state.count)

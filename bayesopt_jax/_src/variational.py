@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bayesopt_jax._src import draws, moments, quantize, sigma, validation
+from bayesopt_jax._src import draws, engine, moments, quantize, sigma, validation
 from bayesopt_jax._src.types import Array, PyTree, ScalarOrSchedule
 
 CURVATURES = ("variance", "reparam", "evidence")
@@ -419,51 +419,38 @@ def scale_by_variational_sigma_filter(
             curvature_scale=jnp.zeros((), f),
         )
 
-    def update_fn(updates, stored, params=None):
-        if learned_prior and params is None:
-            raise ValueError(
-                f"{where}: `params` is required by update to learn the prior "
-                "(prior_precision=None); pass them, or fix prior_precision."
-            )
-        state = decoded_state(stored)
-        moments.check_tree_match(where, updates, state.nu, "nu")
-        count = optax.safe_increment(state.count)
-        debias = moments.Debias(count)
-        eta_t = sigma.eta_at(eta, state.count)
-        noise = var = None
-        if curvature == "reparam":
-            noise = noise_tree(state)
-            var = variance_tree(state)
-        if buffered:
-            # 1 - b1^(t-1): debiases the previous gradient mean (0 at the first step)
-            prev_debias = moments.Debias(state.count)
+    def make_leaf(args):
+        filter_args, prev_count = args
+        filter_step = sigma.filter_leaf(filter_args, new_sigma, beta, b1, bias_correction, eps)
+        # 1 - b1^(t-1): debiases the previous gradient mean (0 at the first step)
+        prev_debias = moments.Debias(prev_count)
 
         def leaf(g, m, s, sig, r, e, v):
-            if r is not None:  # before m is updated: the control variate is m_{t-1}
-                c = moments.real_dtype(moments.compute_dtype(g.dtype))
-                diff = moments.to_compute(g).astype(c)
-                if m is not None:
-                    m_prev = m.astype(c)
-                    if bias_correction:
-                        pd = prev_debias(b1, c)
-                        m_prev = jnp.where(pd > 0, m_prev / jnp.where(pd > 0, pd, 1), 0)
-                    diff = moments.to_compute(diff - m_prev)  # |g - m̂| < sqrt(max)/2: no overflow
-                h_hat = diff * diff if curvature == "variance" else e * diff / jnp.sqrt(v)
-                r_out = moments.store(moments.ema(h_hat, r.astype(c), hess_decay), r.dtype)
-            else:
-                r_out = None
-            s_new, s_hat, m_new, d = sigma.evidence_and_direction(
-                g, m, s, debias, beta=beta, b1=b1, bias_correction=bias_correction, eps=eps
-            )
-            et = jnp.asarray(eta_t, s_hat.dtype)
-            sig_new = new_sigma(sig.astype(s_hat.dtype), s_hat, et, count)
-            m_out = None if m_new is None else moments.store(m_new, m.dtype)
-            u = moments.store(sig_new * d, g.dtype)
-            return u, m_out, moments.store(s_new, s.dtype), moments.store(sig_new, sig.dtype), r_out
+            # The curvature EMA first: its control variate is m_{t-1}.
+            r_out = None if r is None else moments.store(_curvature_step(g, m, r, e, v), r.dtype)
+            u, m_out, s_out, sig_out = filter_step(g, m, s, sig)
+            return u, m_out, s_out, sig_out, r_out, e, v
 
-        u, mu, nu, sig, hess = moments.tree_map_multi(
-            leaf, 5, updates, state.mu, state.nu, state.sigma, state.hess, noise, var
-        )
+        def _curvature_step(g, m, r, e, v):
+            c = moments.real_dtype(moments.compute_dtype(g.dtype))
+            diff = moments.to_compute(g).astype(c)
+            if m is not None:
+                m_prev = m.astype(c)
+                if bias_correction:
+                    pd = prev_debias(b1, c)
+                    m_prev = jnp.where(pd > 0, m_prev / jnp.where(pd > 0, pd, 1), 0)
+                diff = moments.to_compute(diff - m_prev)  # |g - m̂| < sqrt(max)/2: no overflow
+            h_hat = diff * diff if curvature == "variance" else e * diff / jnp.sqrt(v)
+            return moments.ema(h_hat, r.astype(c), hess_decay)
+
+        return leaf
+
+    def prepare(state):
+        count = optax.safe_increment(state.count)
+        eta_t = sigma.eta_at(eta, state.count)
+        noise = var = None
+        if curvature == "reparam":  # one draw for all leaves, from the state before the step
+            noise, var = noise_tree(state), variance_tree(state)
         f = state.curvature_scale.dtype
         if buffered:
             scale = 1 / moments.debias_factor(hess_decay, count, f)
@@ -476,18 +463,33 @@ def scale_by_variational_sigma_filter(
             scale = jnp.asarray(batch_size, f)
             if bias_correction:
                 scale = scale / moments.debias_factor(beta, count, f)
-        new = state._replace(
-            count=count,
-            mu=None if state.mu is None else quantize.encoded_like(mu, stored.mu),
-            nu=quantize.encoded_like(nu, stored.nu),
-            sigma=quantize.encoded_like(sig, stored.sigma),
-            hess=None if state.hess is None else quantize.encoded_like(hess, stored.hess),
-            curvature_scale=scale,
+
+        def rebuild(mu, nu, sig, hess, *_):
+            return state._replace(
+                count=count, mu=mu, nu=nu, sigma=sig, hess=hess, curvature_scale=scale
+            )
+
+        return engine.Prepared(
+            make_leaf,
+            ((count, eta_t), state.count),
+            None,
+            (state.mu, state.nu, state.sigma, state.hess, noise, var),
+            rebuild,
         )
-        if learned_prior:
-            h = curvature_tree(new._replace(nu=nu, mu=mu, sigma=sig, hess=hess))
-            delta = empirical_bayes_prior(params, h, state.prior_precision, state.num_data)
-            new = new._replace(prior_precision=delta)
-        return u, new
+
+    tx = engine.elementwise(where, init_fn, prepare, lambda state: (state.nu, "nu"))
+    if not learned_prior:
+        return tx
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(
+                f"{where}: `params` is required by update to learn the prior "
+                "(prior_precision=None); pass them, or fix prior_precision."
+            )
+        u, new = tx.update(updates, state, params)
+        h = curvature_tree(new)
+        delta = empirical_bayes_prior(params, h, state.prior_precision, state.num_data)
+        return u, new._replace(prior_precision=delta)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -10,7 +10,7 @@ from conftest import grad_stream
 from helpers import run_updates
 
 import bayesopt_jax as bj
-from bayesopt_jax._src import moments
+from bayesopt_jax._src import buffers, numerics
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.5, 0.9, 0.999])
@@ -73,12 +73,12 @@ def test_amsgrad_from_pieces_matches_corrected_convention(x64, rng):
 
 def test_zeros_like_is_finite_and_typed():
     x = jnp.array([jnp.inf, -jnp.inf, jnp.nan, 1.0], jnp.bfloat16)
-    z = moments.zeros_like(x, jnp.float32)
+    z = buffers.zeros_like(x, jnp.float32)
     assert z.dtype == jnp.float32
     np.testing.assert_array_equal(z, 0.0)
-    zc = moments.zeros_like(jnp.ones(2, jnp.complex64), jnp.float32)
+    zc = buffers.zeros_like(jnp.ones(2, jnp.complex64), jnp.float32)
     assert zc.dtype == jnp.float32
-    assert moments.zeros_like(jnp.zeros((0, 3))).shape == (0, 3)
+    assert buffers.zeros_like(jnp.zeros((0, 3))).shape == (0, 3)
 
 
 def test_zeros_like_keeps_sharding_under_jit():
@@ -88,7 +88,7 @@ def test_zeros_like_keeps_sharding_under_jit():
     mesh = jax.sharding.Mesh(devices, ("data", "model"))
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "model"))
     x = jax.device_put(jnp.ones((8, 4)), spec)
-    z = jax.jit(moments.zeros_like)(x)
+    z = jax.jit(buffers.zeros_like)(x)
     assert z.sharding.is_equivalent_to(spec, 2)
     state = jax.jit(bj.adam(1e-3).init)({"w": x})
     for leaf in jax.tree.leaves(state[0].mu) + jax.tree.leaves(state[0].nu):
@@ -97,7 +97,7 @@ def test_zeros_like_keeps_sharding_under_jit():
 
 def test_tree_map_multi_rejects_mismatch():
     with pytest.raises(ValueError):
-        moments.tree_map_multi(lambda a, b: (a, b), 2, {"a": 1.0}, {"b": 2.0})
+        buffers.tree_map_multi(lambda a, b: (a, b), 2, {"a": 1.0}, {"b": 2.0})
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64])
@@ -108,8 +108,8 @@ def test_to_compute_again_has_to_computes_bits(dtype):
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
         pytest.skip("float64 needs jax_enable_x64")
     info = jnp.finfo(dtype)
-    c = moments.compute_dtype(dtype)
-    limit = np.asarray(moments.clip_limit(c), c)
+    c = numerics.compute_dtype(dtype)
+    limit = np.asarray(numerics.clip_limit(c), c)
     around = np.array(
         [np.nextafter(limit, np.asarray(0, c)), limit, np.nextafter(limit, np.asarray(np.inf, c))]
     )
@@ -122,8 +122,8 @@ def test_to_compute_again_has_to_computes_bits(dtype):
         ]
     )
     g = jnp.asarray(values.astype(np.float64)).astype(dtype)
-    want = np.asarray(moments.to_compute(g))
-    got = np.asarray(moments.to_compute_again(g))
+    want = np.asarray(numerics.to_compute(g))
+    got = np.asarray(numerics.to_compute_again(g))
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
     # and the clip itself is real: beyond the limit both give the limit.

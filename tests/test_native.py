@@ -510,7 +510,7 @@ def test_without_a_library_everything_runs_the_pure_path():
 
 
 def test_a_missing_library_is_reported_not_raised(monkeypatch):
-    monkeypatch.setattr(native, "library_path", lambda: None)
+    monkeypatch.setattr(native.loading, "library_path", lambda: None)
     native._load.cache_clear()
     try:
         assert native._load() == "the native library was not built at install time"

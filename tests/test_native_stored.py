@@ -264,7 +264,7 @@ def test_the_self_test_catches_a_stored_kernel_that_stores_other_codes(monkeypat
         ]
         return us, moved
 
-    monkeypatch.setattr(native, "update_stored", one_code_off)
+    monkeypatch.setattr(native.calls, "update_stored", one_code_off)
     message = native.self_test()
     assert message is not None and "8-bit kernel stores other codes" in message
     monkeypatch.undo()

@@ -134,6 +134,7 @@ MIN_PASSED = {"alias": 300, "rest": 600}
 def test_optax_test_files_pass_with_our_functions(tmp_path, shard):
     targets = _prepare(tmp_path, SHARDS[shard])
     failed, counts, out = _run(tmp_path, targets, patch=True)
+    print(f"Optax's tests, shard {shard!r}: {counts}")
     # The run really happened.
     assert counts.get("passed", 0) > MIN_PASSED[shard], out[-3000:]
     if counts.get("failed", 0) or counts.get("error", 0):

@@ -12,7 +12,7 @@ from bounds import check, output, rejects, track
 from registry import OPTIMIZERS, make
 
 import bayesopt_jax as bj
-from bayesopt_jax._src import moments
+from bayesopt_jax._src import numerics
 
 NAMES = sorted(OPTIMIZERS)
 
@@ -150,20 +150,20 @@ def test_extreme_gradients_keep_state_finite_and_steps_bounded(name, dtype):
 
 def test_clipping_is_exact_below_the_bound():
     g = jnp.array([1e18, -3e18, 1e-30, 0.0, jnp.nan, -jnp.inf], jnp.float32)
-    out = moments.to_compute(g)
+    out = numerics.to_compute(g)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(g))
     big = jnp.array([1e30, -1e25], jnp.float32)
     limit = np.float32(math.sqrt(float(jnp.finfo(jnp.float32).max)) / 2)
-    np.testing.assert_array_equal(np.asarray(moments.to_compute(big)), [limit, -limit])
+    np.testing.assert_array_equal(np.asarray(numerics.to_compute(big)), [limit, -limit])
 
 
 def test_store_saturates_only_narrower_dtypes():
     x = jnp.array([1e5, -1e6, 3.0, jnp.inf, jnp.nan], jnp.float32)
     np.testing.assert_array_equal(
-        np.asarray(moments.store(x, jnp.float16), np.float32),
+        np.asarray(numerics.store(x, jnp.float16), np.float32),
         [65504.0, -65504.0, 3.0, np.inf, np.nan],
     )
-    np.testing.assert_array_equal(np.asarray(moments.store(x, jnp.float32)), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(numerics.store(x, jnp.float32)), np.asarray(x))
 
 
 # --------------------------------------------------------------------------

@@ -11,14 +11,13 @@ arithmetic happens per leaf in :func:`~bayesopt_jax._src.moments.compute_dtype`
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from bayesopt_jax._src import engine, moments, native, quantize, validation
+from bayesopt_jax._src import allocation, buffers, engine, native, numerics, validation
 from bayesopt_jax._src.native import rules
 from bayesopt_jax._src.types import Array
 
@@ -28,13 +27,13 @@ def _check_adam_args(where: str, b1, b2, eps, eps_root, mu_dtype=None, nu_dtype=
     validation.check_decay("b2", b2, where)
     validation.check_nonnegative("eps", eps, where)
     validation.check_nonnegative("eps_root", eps_root, where)
-    quantize.check_state_dtype("mu_dtype", mu_dtype, where)
-    quantize.check_state_dtype("nu_dtype", nu_dtype, where)
+    allocation.check_state_dtype("mu_dtype", mu_dtype, where)
+    allocation.check_state_dtype("nu_dtype", nu_dtype, where)
 
 
 def _init_moments(params, mu_dtype, nu_dtype, where="scale_by_adam"):
-    mu = quantize.state_like(params, mu_dtype, signed=True, name="mu_dtype", where=where)
-    nu = quantize.state_like(params, nu_dtype, signed=False, name="nu_dtype", where=where)
+    mu = allocation.state_like(params, mu_dtype, signed=True, name="mu_dtype", where=where)
+    nu = allocation.state_like(params, nu_dtype, signed=False, name="nu_dtype", where=where)
     return mu, nu
 
 
@@ -46,15 +45,15 @@ def _first_moment(g, m, b1, bc1, count, *, nesterov: bool):
     and Optax's ``nesterov=True``:
     ``m̂ = b1·m_t/(1-b1^{t+1}) + (1-b1)·g_t/(1-b1^t)``.
     """
-    m_new = moments.ema(g, m.astype(g.dtype), b1)
+    m_new = numerics.ema(g, m.astype(g.dtype), b1)
     if bc1 is None:
         m_hat = m_new
         if nesterov:
-            dt = moments.real_dtype(g.dtype)
+            dt = numerics.real_dtype(g.dtype)
             m_hat = jnp.asarray(b1, dt) * m_new + jnp.asarray(1 - b1, dt) * g
     elif nesterov:
-        dt = moments.real_dtype(g.dtype)
-        bc1_next = moments.debias_factor(b1, optax.safe_increment(count), g.dtype)
+        dt = numerics.real_dtype(g.dtype)
+        bc1_next = numerics.debias_factor(b1, optax.safe_increment(count), g.dtype)
         m_hat = jnp.asarray(b1, dt) * m_new / bc1_next + jnp.asarray(1 - b1, dt) * g / bc1
     else:
         m_hat = m_new / bc1
@@ -63,7 +62,7 @@ def _first_moment(g, m, b1, bc1, count, *, nesterov: bool):
 
 def _stored(*pairs) -> tuple:
     """Each computed value stored in the dtype of the buffer it replaces (``(value, like)`` pairs)."""
-    return tuple(moments.store(x, like.dtype) for x, like in pairs)
+    return tuple(numerics.store(x, like.dtype) for x, like in pairs)
 
 
 def _kernel_ready(b1, b2, eps, eps_root) -> bool:
@@ -74,10 +73,10 @@ def _kernel_ready(b1, b2, eps, eps_root) -> bool:
 def _moment_scalars(b1, b2, count, correct1, correct2) -> dict[str, Any]:
     """The scalars the Adam-type rules share, formed as the pure path forms them.
 
-    ``1 - b`` rounded once from the Python value (:func:`moments.ema`),
-    ``r = 1/(1-b^t)`` from :class:`moments.Debias` (1 where not corrected).
+    ``1 - b`` rounded once from the Python value (:func:`numerics.ema`),
+    ``r = 1/(1-b^t)`` from :class:`numerics.Debias` (1 where not corrected).
     """
-    debias = moments.Debias(count)
+    debias = numerics.Debias(count)
     r1 = 1 / debias(b1, jnp.float32) if correct1 else 1.0
     r2 = 1 / debias(b2, jnp.float32) if correct2 else 1.0
     return dict(b1=b1, one_minus_b1=1 - b1, b2=b2, one_minus_b2=1 - b2, r1=r1, r2=r2)
@@ -103,15 +102,22 @@ ScaleByRmsState = optax.ScaleByRmsState
 ScaleByRssState = optax.ScaleByRssState
 
 
+# Optax's own functions, kept as imported: the state classes below are read from
+# what they return (a caller may later replace the names in ``optax``, as the
+# Optax test suite run with ours does).
+_OPTAX_FACTORIES = {"rms": optax.scale_by_rms, "stddev": optax.scale_by_stddev}
+
+
 @functools.cache
-def _optax_state_class(factory: Callable[..., optax.GradientTransformation]) -> type:
-    """The state class of ``factory(bias_correction=True)``, learnt from Optax's public API.
+def _optax_state_class(kind: str) -> type:
+    """The state class of Optax's ``scale_by_{kind}(bias_correction=True)``, from its public API.
 
     Optax does not export the classes with a count at the top level; taking
     them from the state its own function makes keeps ours interchangeable
     with Optax's without importing a private module.
     """
-    return type(jax.eval_shape(factory(bias_correction=True).init, jnp.zeros((1,))))
+    factory = _OPTAX_FACTORIES[kind](bias_correction=True)
+    return type(jax.eval_shape(factory.init, jax.ShapeDtypeStruct((1,), jnp.float32)))
 
 
 def scale_by_adam(
@@ -175,17 +181,17 @@ def scale_by_adam(
 
     def init_fn(params):
         mu, nu = _init_moments(params, mu_dtype, nu_dtype)
-        return ScaleByAdamState(count=moments.zero_count(), mu=mu, nu=nu)
+        return ScaleByAdamState(count=buffers.zero_count(), mu=mu, nu=nu)
 
     def make_leaf(count):
-        debias = moments.Debias(count)
+        debias = numerics.Debias(count)
 
         def leaf(g, m, v):
-            c = moments.compute_dtype(g.dtype)
-            gc = moments.to_compute(g)
+            c = numerics.compute_dtype(g.dtype)
+            gc = numerics.to_compute(g)
             bc1 = debias(b1, c) if bias_correction else None
             m_new, m_hat = _first_moment(gc, m, b1, bc1, count, nesterov=nesterov)
-            v_new = moments.ema(moments.abs_sq(gc), v.astype(moments.real_dtype(c)), b2)
+            v_new = numerics.ema(numerics.abs_sq(gc), v.astype(numerics.real_dtype(c)), b2)
             v_hat = v_new / debias(b2, c) if bias_correction else v_new
             u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
             return _stored((u, g), (m_new, m), (v_new, v))
@@ -197,7 +203,7 @@ def scale_by_adam(
         kernel = None
         if not nesterov and _kernel_ready(b1, b2, eps, eps_root):
             head = _moment_scalars(b1, b2, count, bias_correction, bias_correction)
-            scalars = rules.AdamScalars(**head, eps=eps, clip=moments.clip_limit(jnp.float32))
+            scalars = rules.AdamScalars(**head, eps=eps, clip=numerics.clip_limit(jnp.float32))
             kernel = engine.Kernel("adam", scalars, _adam_finish)
         return engine.Prepared(
             make_leaf,
@@ -278,19 +284,19 @@ def scale_by_amsgrad(
 
     def init_fn(params):
         mu, nu = _init_moments(params, mu_dtype, nu_dtype, where)
-        nu_max = quantize.state_like(params, nu_dtype, signed=False, name="nu_dtype", where=where)
-        return ScaleByAmsgradState(count=moments.zero_count(), mu=mu, nu=nu, nu_max=nu_max)
+        nu_max = allocation.state_like(params, nu_dtype, signed=False, name="nu_dtype", where=where)
+        return ScaleByAmsgradState(count=buffers.zero_count(), mu=mu, nu=nu, nu_max=nu_max)
 
     def make_leaf(count):
-        debias = moments.Debias(count)
+        debias = numerics.Debias(count)
 
         def leaf(g, m, v, n):
-            c = moments.compute_dtype(g.dtype)
-            rc = moments.real_dtype(c)
-            gc = moments.to_compute(g)
+            c = numerics.compute_dtype(g.dtype)
+            rc = numerics.real_dtype(c)
+            gc = numerics.to_compute(g)
             bc1 = debias(b1, c) if bias_correction_mu else None
             m_new, m_hat = _first_moment(gc, m, b1, bc1, count, nesterov=False)
-            v_new = moments.ema(moments.abs_sq(gc), v.astype(rc), b2)
+            v_new = numerics.ema(numerics.abs_sq(gc), v.astype(rc), b2)
             if max_of == "raw":
                 n_new = jnp.maximum(n.astype(rc), v_new)
                 v_eff = n_new / debias(b2, c) if bias_correction_nu else n_new
@@ -309,7 +315,7 @@ def scale_by_amsgrad(
         if _kernel_ready(b1, b2, eps, eps_root):
             head = _moment_scalars(b1, b2, count, bias_correction_mu, bias_correction_nu)
             raw = 1.0 if max_of == "raw" else 0.0
-            clip = moments.clip_limit(jnp.float32)
+            clip = numerics.clip_limit(jnp.float32)
             scalars = rules.AmsgradScalars(**head, eps=eps, clip=clip, raw=raw)
             kernel = engine.Kernel("amsgrad", scalars, _amsgrad_finish)
         return engine.Prepared(
@@ -366,17 +372,17 @@ def scale_by_adamax(
 
     def init_fn(params):
         mu, nu = _init_moments(params, None, None)
-        return ScaleByAdamState(count=moments.zero_count(), mu=mu, nu=nu)
+        return ScaleByAdamState(count=buffers.zero_count(), mu=mu, nu=nu)
 
     def make_leaf(count):
-        debias = moments.Debias(count)
+        debias = numerics.Debias(count)
 
         def leaf(g, m, v):
-            c = moments.compute_dtype(g.dtype)
-            gc = moments.to_compute(g)
+            c = numerics.compute_dtype(g.dtype)
+            gc = numerics.to_compute(g)
             bc1 = debias(b1, c)
             m_new, m_hat = _first_moment(gc, m, b1, bc1, count, nesterov=False)
-            b2c = jnp.asarray(b2, moments.real_dtype(c))
+            b2c = jnp.asarray(b2, numerics.real_dtype(c))
             v_new = jnp.maximum(b2c * v.astype(b2c.dtype), jnp.abs(gc) + eps)
             u = m_hat / v_new
             return _stored((u, g), (m_new, m), (v_new, v))
@@ -458,36 +464,36 @@ def scale_by_rms(
     def make_state(count, mu, nu):
         if centered:
             if bias_correction:
-                return _optax_state_class(optax.scale_by_stddev)(count=count, mu=mu, nu=nu)
+                return _optax_state_class("stddev")(count=count, mu=mu, nu=nu)
             return optax.ScaleByRStdDevState(mu=mu, nu=nu)
         if bias_correction:
-            return _optax_state_class(optax.scale_by_rms)(count=count, nu=nu)
+            return _optax_state_class("rms")(count=count, nu=nu)
         return optax.ScaleByRmsState(nu=nu)
 
     def init_fn(params):
-        mu = moments.tree_zeros_like(params) if centered else None
-        nu = moments.tree_full_like(params, initial_scale, real=True)
-        return make_state(moments.zero_count(), mu, nu)
+        mu = buffers.tree_zeros_like(params) if centered else None
+        nu = buffers.tree_full_like(params, initial_scale, real=True)
+        return make_state(buffers.zero_count(), mu, nu)
 
     def make_leaf(count):
-        debias = moments.Debias(count) if bias_correction else None
+        debias = numerics.Debias(count) if bias_correction else None
 
         def leaf(g, v, m):
-            c = moments.compute_dtype(g.dtype)
-            rc = moments.real_dtype(c)
-            gc = moments.to_compute(g)
-            v_new = moments.ema(moments.abs_sq(gc), v.astype(rc), decay)
+            c = numerics.compute_dtype(g.dtype)
+            rc = numerics.real_dtype(c)
+            gc = numerics.to_compute(g)
+            v_new = numerics.ema(numerics.abs_sq(gc), v.astype(rc), decay)
             bc = debias(decay, c) if bias_correction else None
             s = v_new if bc is None else v_new / bc
             m_new = None
             if centered:
-                m_new = moments.ema(gc, m.astype(c), decay)
+                m_new = numerics.ema(gc, m.astype(c), decay)
                 m_hat = m_new if bc is None else m_new / bc
-                s = jnp.maximum(s - moments.abs_sq(m_hat), 0)
+                s = jnp.maximum(s - numerics.abs_sq(m_hat), 0)
             denom = jnp.sqrt(s + eps) if eps_in_sqrt else jnp.sqrt(s) + eps
-            u = moments.to_compute_again(g) / denom
-            m_out = None if m_new is None else moments.store(m_new, m.dtype)
-            return moments.store(u, g.dtype), moments.store(v_new, v.dtype), m_out
+            u = numerics.to_compute_again(g) / denom
+            m_out = None if m_new is None else numerics.store(m_new, m.dtype)
+            return numerics.store(u, g.dtype), numerics.store(v_new, v.dtype), m_out
 
         return leaf
 
@@ -552,26 +558,26 @@ def scale_by_rss(
     validation.check_nonnegative("eps", eps, where)
 
     def init_fn(params):
-        acc = moments.tree_full_like(params, initial_accumulator_value, real=True)
+        acc = buffers.tree_full_like(params, initial_accumulator_value, real=True)
         return ScaleByRssState(sum_of_squares=acc)
 
     def leaf(g, a):
-        c = moments.compute_dtype(g.dtype)
-        gc = moments.to_compute(g)
-        rc = moments.real_dtype(c)
+        c = numerics.compute_dtype(g.dtype)
+        gc = numerics.to_compute(g)
+        rc = numerics.real_dtype(c)
         # A sum never shrinks: saturate it rather than let it overflow to inf.
-        a_new = jnp.minimum(a.astype(rc) + moments.abs_sq(gc), jnp.finfo(rc).max)
+        a_new = jnp.minimum(a.astype(rc) + numerics.abs_sq(gc), jnp.finfo(rc).max)
         if eps_in_sqrt:
             # 0 where nothing has accumulated (Optax's convention); the
             # guarded denominator keeps derivatives finite there too.
             # A NaN accumulator is not "empty": it still shows in the update.
             empty = a_new == 0
             safe = jnp.where(empty, jnp.ones((), rc), a_new + eps)
-            direction = moments.to_compute_again(g) / jnp.sqrt(safe)
+            direction = numerics.to_compute_again(g) / jnp.sqrt(safe)
             u = jnp.where(empty, jnp.zeros((), gc.dtype), direction)
         else:
-            u = moments.to_compute_again(g) / (jnp.sqrt(a_new) + eps)
-        return moments.store(u, g.dtype), moments.store(a_new, a.dtype)
+            u = numerics.to_compute_again(g) / (jnp.sqrt(a_new) + eps)
+        return numerics.store(u, g.dtype), numerics.store(a_new, a.dtype)
 
     def prepare(state):
         return engine.Prepared(

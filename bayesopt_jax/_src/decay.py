@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bayesopt_jax._src import engine, moments, validation
+from bayesopt_jax._src import buffers, engine, numerics, validation
 from bayesopt_jax._src.types import PyTree
+
+_OPTAX_ADD_DECAYED_WEIGHTS = optax.add_decayed_weights  # as imported (see adam.py)
 
 
 @functools.cache
@@ -20,7 +22,8 @@ def _schedule_state() -> type:
     So that the state of a chain matches ``optax.add_decayed_weights``'s leaf
     for leaf, without importing a private module.
     """
-    return type(jax.eval_shape(optax.add_decayed_weights(lambda count: 0.0).init, jnp.zeros(1)))
+    init = _OPTAX_ADD_DECAYED_WEIGHTS(lambda count: 0.0).init
+    return type(jax.eval_shape(init, jax.ShapeDtypeStruct((1,), jnp.float32)))
 
 
 def add_decoupled_weight_decay(
@@ -67,17 +70,17 @@ def add_decoupled_weight_decay(
     def init_fn(params):
         del params
         if scheduled:
-            return _schedule_state()(count=moments.zero_count())
+            return _schedule_state()(count=buffers.zero_count())
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
-        updates = moments.as_arrays(updates)
+        updates = buffers.as_arrays(updates)
         if params is None:
             raise ValueError(
                 "add_decoupled_weight_decay: `params` is required; call "
                 "`update(updates, state, params)`."
             )
-        moments.check_tree_match("add_decoupled_weight_decay", updates, params, "params")
+        buffers.check_tree_match("add_decoupled_weight_decay", updates, params, "params")
 
         if scheduled:
             rate = weight_decay(state.count)
@@ -86,8 +89,8 @@ def add_decoupled_weight_decay(
             rate = weight_decay
 
         def leaf(u, p):
-            c = moments.compute_dtype(u.dtype)
-            wd = jax.numpy.asarray(rate, moments.real_dtype(c))
+            c = numerics.compute_dtype(u.dtype)
+            wd = jax.numpy.asarray(rate, numerics.real_dtype(c))
             return (u.astype(c) + wd * p.astype(c)).astype(u.dtype)
 
         return jax.tree.map(leaf, updates, params), state

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from bayesopt_jax._src import moments, native, quantize
+from bayesopt_jax._src import buffers, native, quantize
 from bayesopt_jax._src.native import rules
 from bayesopt_jax._src.types import PyTree
 
@@ -129,9 +129,9 @@ def elementwise(
 
     def update_fn(updates, state, params=None):
         del params
-        updates = moments.as_arrays(updates)
+        updates = buffers.as_arrays(updates)
         tree, name = checked_against(state)
-        moments.check_tree_match(where, updates, tree, name, quantize.is_stored)
+        buffers.check_tree_match(where, updates, tree, name, quantize.is_stored)
         prepared = prepare(state)
         u, new_states = apply(prepared, updates)
         return u, prepared.rebuild(*new_states)

@@ -219,8 +219,8 @@ def _split_stored(
     if not shape:
         return shardings
     codes_spec = _padded_spec(shardings.codes, len(shape))
-    whole_blocks = shape[-1] % devices == 0 and (shape[-1] // devices) % q.block_size == 0
-    axes = range(len(shape) if whole_blocks else len(shape) - 1)
+    whole = quantize.whole_blocks(shape[-1], q.scale.shape[-1], devices)
+    axes = range(len(shape) if whole else len(shape) - 1)
     axis = _free_axis(shape, codes_spec, axes, names, devices)
     if axis is None:
         return shardings

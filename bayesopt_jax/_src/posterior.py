@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bayesopt_jax._src import moments, quantize, validation, variational
+from bayesopt_jax._src import numerics, quantize, validation, variational
 from bayesopt_jax._src.sigma import ScaleBySigmaFilterState
 from bayesopt_jax._src.types import Array, PyTree
 from bayesopt_jax._src.variational import ScaleByVariationalSigmaFilterState
@@ -180,7 +180,7 @@ def sample_posterior(
     out = []
     for k, p, s, c in zip(keys, leaves, sig_leaves, scale_leaves, strict=False):
         shape = p.shape if num_samples is None else (num_samples, *p.shape)
-        eps = jax.random.normal(k, shape, moments.compute_dtype(p.dtype))
+        eps = jax.random.normal(k, shape, numerics.compute_dtype(p.dtype))
         std = jnp.sqrt(jnp.asarray(c) * s.astype(eps.dtype))
         out.append((p.astype(eps.dtype) + std * eps).astype(p.dtype))
     return treedef.unflatten(out)
@@ -241,7 +241,7 @@ def laplace_scale(
         if params is None:
             raise ValueError(f"{where}: `params` is required when `prior_precision` is None.")
         precision = jax.tree.map(
-            lambda p: 1 / jnp.maximum(jnp.mean(moments.abs_sq(jnp.asarray(p))), 1e-12), params
+            lambda p: 1 / jnp.maximum(jnp.mean(numerics.abs_sq(jnp.asarray(p))), 1e-12), params
         )
     else:
         validation.check_range(
@@ -258,8 +258,8 @@ def laplace_scale(
     def leaf(s, sig, lam):
         if isinstance(s, optax.MaskedNode):
             return s
-        c = moments.compute_dtype(s.dtype)
-        bc = moments.debias_factor(beta, jnp.maximum(state.count, 1), c)
+        c = numerics.compute_dtype(s.dtype)
+        bc = numerics.debias_factor(beta, jnp.maximum(state.count, 1), c)
         lam = prior_precision if lam is None else lam
         var = temperature / (num_data * batch_size * s.astype(c) / bc + lam)
         sig = sig.astype(c)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bayesopt_jax._src import moments, validation
+from bayesopt_jax._src import buffers
 from bayesopt_jax._src.types import Array
 
 CODES = 256
@@ -318,11 +318,11 @@ def full(x: Any, value: Any, fmt: Blockwise8, signed: bool) -> Quantized:
     try:
         code, magnitude = _one_entry(float(value), signed)
     except (TypeError, jax.errors.ConcretizationTypeError):  # a traced value: encode it all
-        return encode(moments.full_like(x, value, jnp.float32), fmt, signed)
+        return encode(buffers.full_like(x, value, jnp.float32), fmt, signed)
     shape = tuple(jnp.shape(x))
     blocks = _blocks(shape, fmt.block_size)
     scale_shape = (*shape[:-1], blocks) if shape else (1,)
-    layout = moments.concrete_layout(x)
+    layout = buffers.concrete_layout(x)
     if layout is not None and (layout[2] is None or _splits_like_arrays(layout[2])):
         sharding = layout[2]
         at = Quantized(None, None)
@@ -335,9 +335,9 @@ def full(x: Any, value: Any, fmt: Blockwise8, signed: bool) -> Quantized:
             _placed(np.full(scale_shape, magnitude), at.scale),
         )
     # Under a trace: computed from x, so that both arrays follow x's sharding.
-    codes = moments.full_like(x, code, code.dtype)
+    codes = buffers.full_like(x, code, code.dtype)
     if shape and shape[-1] >= blocks:  # the first `blocks` entries of the last axis, as a pattern
-        scale = moments.full_like(jnp.asarray(x)[..., :blocks], magnitude, F32)
+        scale = buffers.full_like(jnp.asarray(x)[..., :blocks], magnitude, F32)
     else:
         scale = jnp.full(scale_shape, magnitude, F32)
     return Quantized(codes, scale)
@@ -359,37 +359,6 @@ def _one_entry(value: float, signed: bool) -> tuple[np.ndarray, np.float32]:
     with jax.ensure_compile_time_eval():
         one = _encode(jnp.full((1,), value, F32), signed, 1)
         return np.asarray(one.codes)[0], np.float32(one.scale[0])
-
-
-def state_like(
-    params: Any, dtype: Any, *, signed: bool, name: str, where: str, value: Any = None
-) -> Any:
-    """One state buffer per parameter: zeros (or ``value``) in ``dtype`` or a storage format.
-
-    ``dtype`` is a dtype as Optax takes it (``None``: the parameter's own;
-    real buffers for complex parameters unless ``signed``), or a format such
-    as :class:`Blockwise8`, which stores real state only and so refuses
-    complex parameters, naming the argument.
-    """
-    if not is_format(dtype):
-        if value is None:
-            return moments.tree_zeros_like(params, dtype, real=not signed)
-        return moments.tree_full_like(params, value, dtype, real=not signed)
-
-    def stored(p):
-        if jnp.issubdtype(moments.leaf_dtype(p), jnp.complexfloating):
-            raise ValueError(
-                f"{where}: `{name}`={dtype} stores real state; a parameter is complex."
-            )
-        return zeros(p, dtype, signed) if value is None else full(p, value, dtype, signed)
-
-    return jax.tree.map(stored, params)
-
-
-def check_state_dtype(name: str, dtype: Any, where: str) -> None:
-    """``dtype`` must be ``None``, a floating dtype, or a storage format."""
-    if not is_format(dtype):
-        validation.check_dtype(name, dtype, where)
 
 
 def whole_blocks(n: int, blocks: int, devices: int) -> bool:

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bayesopt_jax._src import moments, validation
+from bayesopt_jax._src import buffers, validation
 from bayesopt_jax._src.types import Array, PyTree
 
 _F32 = jnp.float32
@@ -124,7 +124,7 @@ def kahan_summation() -> optax.GradientTransformation:
     def init_fn(params):
         return KahanSummationState(
             jax.tree.map(
-                lambda p: moments.zeros_like(p) if is_low_precision(p) else optax.MaskedNode(),
+                lambda p: buffers.zeros_like(p) if is_low_precision(p) else optax.MaskedNode(),
                 params,
             )
         )
@@ -142,8 +142,8 @@ def kahan_summation() -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         _check_params(params, where)
-        moments.check_tree_match(where, updates, params, "params")
-        u, c = moments.tree_map_multi(leaf, 2, updates, state.compensation, params)
+        buffers.check_tree_match(where, updates, params, "params")
+        u, c = buffers.tree_map_multi(leaf, 2, updates, state.compensation, params)
         return u, KahanSummationState(c)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -229,11 +229,11 @@ def stochastic_rounding(key: int | Array = 0) -> optax.GradientTransformation:
 
     def init_fn(params):
         del params
-        return StochasticRoundingState(moments.zero_count(), jnp.array(data))
+        return StochasticRoundingState(buffers.zero_count(), jnp.array(data))
 
     def update_fn(updates, state, params=None):
         _check_params(params, where)
-        moments.check_tree_match(where, updates, params, "params")
+        buffers.check_tree_match(where, updates, params, "params")
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
         u_leaves, treedef = jax.tree.flatten(updates)
         p_leaves = treedef.flatten_up_to(params)

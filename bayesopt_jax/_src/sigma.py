@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from bayesopt_jax._src import engine, moments, native, quantize, validation
+from bayesopt_jax._src import allocation, buffers, engine, native, numerics, validation
 from bayesopt_jax._src.native import rules
 from bayesopt_jax._src.types import Array, PyTree, ScalarOrSchedule
 
@@ -50,7 +50,7 @@ def sigma_star(evidence: Array, eta: Array | float) -> Array:
       True
     """
     evidence = jnp.asarray(evidence)
-    eta = jnp.asarray(eta, moments.real_dtype(moments.compute_dtype(evidence.dtype)))
+    eta = jnp.asarray(eta, numerics.real_dtype(numerics.compute_dtype(evidence.dtype)))
     eta2 = eta * eta
     return eta2 / 2 + eta * jnp.sqrt(eta2 / 4 + 1 / evidence)
 
@@ -136,15 +136,15 @@ def filter_rule(sigma_init, sigma_max, max_ratio) -> Callable[..., Array]:
 
 def evidence_and_direction(g, m, s, debias, *, beta, b1, bias_correction, eps):
     """Shared by the filter and the fixed point: new moments, ŝ (floored) and d."""
-    c = moments.compute_dtype(g.dtype)
-    rc = moments.real_dtype(c)
-    gc = moments.to_compute(g)
-    s_new = moments.ema(moments.abs_sq(gc), s.astype(rc), beta)
+    c = numerics.compute_dtype(g.dtype)
+    rc = numerics.real_dtype(c)
+    gc = numerics.to_compute(g)
+    s_new = numerics.ema(numerics.abs_sq(gc), s.astype(rc), beta)
     s_hat = s_new / debias(beta, c) if bias_correction else s_new
     s_hat = s_hat + jnp.asarray(eps, rc)
     if m is None:
-        return s_new, s_hat, None, moments.to_compute_again(g)
-    m_new = moments.ema(gc, m.astype(c), b1)
+        return s_new, s_hat, None, numerics.to_compute_again(g)
+    m_new = numerics.ema(gc, m.astype(c), b1)
     d = m_new / debias(b1, c) if bias_correction else m_new
     return s_new, s_hat, m_new, d
 
@@ -175,21 +175,21 @@ class StateDtypes(NamedTuple):
 
     def check(self, where: str) -> None:
         for name, dtype in zip(("mu_dtype", "nu_dtype", "sigma_dtype"), self, strict=True):
-            quantize.check_state_dtype(name, dtype, where)
+            allocation.check_state_dtype(name, dtype, where)
 
 
 def init_sigma_state(params, b1, sigma_init, dtypes=None, where="scale_by_sigma_filter"):
     dtypes = StateDtypes() if dtypes is None else dtypes
 
     def buffer(dtype, name, signed=False, value=None):
-        return quantize.state_like(
+        return allocation.state_like(
             params, dtype, signed=signed, name=name, where=where, value=value
         )
 
     mu = None if validation.is_static_zero(b1) else buffer(dtypes.mu, "mu_dtype", signed=True)
     sigma = buffer(dtypes.sigma, "sigma_dtype", value=sigma_init)
     nu = buffer(dtypes.nu, "nu_dtype")
-    return ScaleBySigmaFilterState(count=moments.zero_count(), mu=mu, nu=nu, sigma=sigma)
+    return ScaleBySigmaFilterState(count=buffers.zero_count(), mu=mu, nu=nu, sigma=sigma)
 
 
 class Guards(NamedTuple):
@@ -213,7 +213,7 @@ def _kernel(guards, eta_t, count, beta, b1, bias_correction, eps):
     if not engine.python_numbers(*statics) or not native.use_native():
         return None
     f32 = jnp.float32
-    debias = moments.Debias(count)
+    debias = numerics.Debias(count)
     momentum = not validation.is_static_zero(b1)
     # Reciprocals of the corrections: the kernel multiplies (within the
     # rounding bound of the pure path's division; see tests/test_native.py).
@@ -226,7 +226,7 @@ def _kernel(guards, eta_t, count, beta, b1, bias_correction, eps):
         beta=beta, one_minus_beta=1 - beta, rs=rs, floor=eps, eta=e, eta2=e * e, first=first,
         ratio_on=ratio_on, kappa=guards.max_ratio or 0.0, max_on=guards.sigma_max is not None,
         sigma_max=guards.sigma_max or 0.0, fixed_point=guards.fixed_point,
-        clip=moments.clip_limit(f32), b1=b1, one_minus_b1=1 - b1, rm=rm,
+        clip=numerics.clip_limit(f32), b1=b1, one_minus_b1=1 - b1, rm=rm,
     )  # fmt: skip
     if momentum:
         return engine.Kernel("sigma_momentum", scalars, _finish_momentum)
@@ -235,7 +235,7 @@ def _kernel(guards, eta_t, count, beta, b1, bias_correction, eps):
 
 def _finish(sc, g, s, sig):
     """u = σ·g (g clipped as the kernel clips it) from the kernel's new state."""
-    return sig * moments.to_compute_again(g)
+    return sig * numerics.to_compute_again(g)
 
 
 def _finish_momentum(sc: rules.SigmaScalars, g, m, s, sig):
@@ -250,7 +250,7 @@ def filter_leaf(args, new_sigma, beta, b1, bias_correction, eps) -> Callable[...
     point (through ``new_sigma``) and the variational filter.
     """
     count, eta_t = args
-    debias = moments.Debias(count)
+    debias = numerics.Debias(count)
 
     def leaf(g, m, s, sig):
         s_new, s_hat, m_new, d = evidence_and_direction(
@@ -258,9 +258,9 @@ def filter_leaf(args, new_sigma, beta, b1, bias_correction, eps) -> Callable[...
         )
         e = jnp.asarray(eta_t, s_hat.dtype)
         sig_new = new_sigma(sig.astype(s_hat.dtype), s_hat, e, count)
-        m_out = None if m_new is None else moments.store(m_new, m.dtype)
-        u = moments.store(sig_new * d, g.dtype)
-        return u, m_out, moments.store(s_new, s.dtype), moments.store(sig_new, sig.dtype)
+        m_out = None if m_new is None else numerics.store(m_new, m.dtype)
+        u = numerics.store(sig_new * d, g.dtype)
+        return u, m_out, numerics.store(s_new, s.dtype), numerics.store(sig_new, sig.dtype)
 
     return leaf
 
@@ -514,11 +514,11 @@ def scale_by_sigma_filter_full(
 
     def init_fn(params):
         flat, _ = ravel_pytree(params)
-        c = moments.compute_dtype(flat.dtype)
+        c = numerics.compute_dtype(flat.dtype)
         d = flat.shape[0]
         eye = jnp.eye(d, dtype=c)
         return ScaleBySigmaFilterFullState(
-            count=moments.zero_count(),
+            count=buffers.zero_count(),
             nu=jnp.zeros((d, d), c),
             sigma=eye * jnp.asarray(sigma_init, c),
         )
@@ -533,10 +533,10 @@ def scale_by_sigma_filter_full(
             )
         count = optax.safe_increment(state.count)
         c = state.nu.dtype
-        g = moments.to_compute(flat).astype(c)
+        g = numerics.to_compute(flat).astype(c)
         b = jnp.asarray(beta, c)
         G = b * state.nu + jnp.asarray(1 - beta, c) * jnp.outer(g, g)
-        G_hat = G / moments.debias_factor(beta, count, c)
+        G_hat = G / numerics.debias_factor(beta, count, c)
         sigma = full_posterior_step(state.sigma, G_hat, eta_at(eta, state.count))
         u = unravel((sigma @ g).astype(flat.dtype))
         return u, ScaleBySigmaFilterFullState(count=count, nu=G, sigma=sigma)

@@ -25,7 +25,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bayesopt_jax._src import draws, engine, moments, quantize, sigma, validation
+from bayesopt_jax._src import (
+    allocation,
+    buffers,
+    draws,
+    engine,
+    numerics,
+    quantize,
+    sigma,
+    validation,
+)
 from bayesopt_jax._src.types import Array, PyTree, ScalarOrSchedule
 
 CURVATURES = ("variance", "reparam", "evidence")
@@ -98,7 +107,7 @@ def _curvature_buffer(state: ScaleByVariationalSigmaFilterState) -> PyTree:
 
 def _leaf_curvature(buf: Array, state: ScaleByVariationalSigmaFilterState) -> Array:
     """h ≥ 0, the per-example curvature, for one leaf in its compute dtype."""
-    c = moments.real_dtype(moments.compute_dtype(buf.dtype))
+    c = numerics.real_dtype(numerics.compute_dtype(buf.dtype))
     return jnp.maximum(jnp.asarray(state.curvature_scale, c) * buf.astype(c), 0)
 
 
@@ -155,7 +164,7 @@ def noise_tree(state: ScaleByVariationalSigmaFilterState) -> PyTree:
     leaves, treedef = jax.tree.flatten(decoded_state(state).nu)
     words = draws.step_words(state.key, state.count, len(leaves))
     out = [
-        draws.normal(words[i], x.shape, moments.real_dtype(moments.compute_dtype(x.dtype)))
+        draws.normal(words[i], x.shape, numerics.real_dtype(numerics.compute_dtype(x.dtype)))
         for i, x in enumerate(leaves)
     ]
     return treedef.unflatten(out)
@@ -183,7 +192,7 @@ def initial_prior_precision(params: PyTree, num_data: Any) -> Array:
     f = jnp.result_type(float)
     leaves = jax.tree.leaves(params, is_leaf=_is_masked)
     live = [jnp.asarray(p) for p in leaves if not _is_masked(p)]
-    total = sum((jnp.sum(moments.abs_sq(p).astype(f)) for p in live), jnp.zeros((), f))
+    total = sum((jnp.sum(numerics.abs_sq(p).astype(f)) for p in live), jnp.zeros((), f))
     size = sum(p.size for p in live)
     pooled = jnp.where(total > 0, size / jnp.where(total > 0, total, 1), 1.0)
 
@@ -191,7 +200,7 @@ def initial_prior_precision(params: PyTree, num_data: Any) -> Array:
         if _is_masked(p):
             return p
         p = jnp.asarray(p)
-        sq = jnp.sum(moments.abs_sq(p).astype(f))
+        sq = jnp.sum(numerics.abs_sq(p).astype(f))
         prec = jnp.where(sq > 0, p.size / jnp.where(sq > 0, sq, 1), pooled)
         return (prec / jnp.asarray(num_data, f)).astype(f)
 
@@ -219,7 +228,7 @@ def empirical_bayes_prior(params: PyTree, h: PyTree, delta: Array, num_data: Any
         c = hl.dtype
         n = jnp.asarray(num_data, c)
         v = _leaf_variance(hl, d, num_data)
-        total = jnp.sum(moments.abs_sq(jnp.asarray(p)).astype(c)) + jnp.sum(v)
+        total = jnp.sum(numerics.abs_sq(jnp.asarray(p)).astype(c)) + jnp.sum(v)
         new = hl.size / (n * total)
         ok = jnp.isfinite(new) & (new > 0)
         return jnp.where(ok, new, jnp.asarray(d, c)).astype(jnp.asarray(d).dtype)
@@ -385,10 +394,10 @@ def scale_by_variational_sigma_filter(
 
     def init_fn(params):
         for leaf in jax.tree.leaves(params):
-            if not jnp.issubdtype(moments.leaf_dtype(leaf), jnp.floating):
+            if not jnp.issubdtype(numerics.leaf_dtype(leaf), jnp.floating):
                 raise ValueError(
                     f"{where}: parameters must be real floating point, got a "
-                    f"{moments.leaf_dtype(leaf)} leaf."
+                    f"{numerics.leaf_dtype(leaf)} leaf."
                 )
             if learned_prior and isinstance(leaf, jax.ShapeDtypeStruct):
                 raise ValueError(
@@ -399,9 +408,11 @@ def scale_by_variational_sigma_filter(
         base = sigma.init_sigma_state(params, b1, sigma_init, dtypes, where)
         hess = None
         if curvature == "variance":  # a mean of squares: stored like the evidence
-            hess = quantize.state_like(params, nu_dtype, signed=False, name="nu_dtype", where=where)
+            hess = allocation.state_like(
+                params, nu_dtype, signed=False, name="nu_dtype", where=where
+            )
         elif curvature == "reparam":
-            hess = jax.tree.map(moments.zeros_like, params)
+            hess = jax.tree.map(buffers.zeros_like, params)
         f = jnp.result_type(float)  # float64 under jax_enable_x64, else float32
         if learned_prior:
             delta = initial_prior_precision(params, num_data)
@@ -423,25 +434,25 @@ def scale_by_variational_sigma_filter(
         filter_args, prev_count = args
         filter_step = sigma.filter_leaf(filter_args, new_sigma, beta, b1, bias_correction, eps)
         # 1 - b1^(t-1): debiases the previous gradient mean (0 at the first step)
-        prev_debias = moments.Debias(prev_count)
+        prev_debias = numerics.Debias(prev_count)
 
         def leaf(g, m, s, sig, r, e, v):
             # The curvature EMA first: its control variate is m_{t-1}.
-            r_out = None if r is None else moments.store(_curvature_step(g, m, r, e, v), r.dtype)
+            r_out = None if r is None else numerics.store(_curvature_step(g, m, r, e, v), r.dtype)
             u, m_out, s_out, sig_out = filter_step(g, m, s, sig)
             return u, m_out, s_out, sig_out, r_out, e, v
 
         def _curvature_step(g, m, r, e, v):
-            c = moments.real_dtype(moments.compute_dtype(g.dtype))
-            diff = moments.to_compute(g).astype(c)
+            c = numerics.real_dtype(numerics.compute_dtype(g.dtype))
+            diff = numerics.to_compute(g).astype(c)
             if m is not None:
                 m_prev = m.astype(c)
                 if bias_correction:
                     pd = prev_debias(b1, c)
                     m_prev = jnp.where(pd > 0, m_prev / jnp.where(pd > 0, pd, 1), 0)
-                diff = moments.to_compute(diff - m_prev)  # |g - m̂| < sqrt(max)/2: no overflow
+                diff = numerics.to_compute(diff - m_prev)  # |g - m̂| < sqrt(max)/2: no overflow
             h_hat = diff * diff if curvature == "variance" else e * diff / jnp.sqrt(v)
-            return moments.ema(h_hat, r.astype(c), hess_decay)
+            return numerics.ema(h_hat, r.astype(c), hess_decay)
 
         return leaf
 
@@ -453,7 +464,7 @@ def scale_by_variational_sigma_filter(
             noise, var = noise_tree(state), variance_tree(state)
         f = state.curvature_scale.dtype
         if buffered:
-            scale = 1 / moments.debias_factor(hess_decay, count, f)
+            scale = 1 / numerics.debias_factor(hess_decay, count, f)
             if curvature == "variance":
                 # m̂_{t-1} averages earlier, independent gradients with weights (1-b1) b1^k,
                 # so E(g - m̂_{t-1})² = Var(g) (1 + (1 - b1)/(1 + b1)) at a stationary mean.
@@ -462,7 +473,7 @@ def scale_by_variational_sigma_filter(
         else:
             scale = jnp.asarray(batch_size, f)
             if bias_correction:
-                scale = scale / moments.debias_factor(beta, count, f)
+                scale = scale / numerics.debias_factor(beta, count, f)
 
         def rebuild(mu, nu, sig, hess, *_):
             return state._replace(

@@ -1,0 +1,396 @@
+"""The native kernels' calls: which leaves they take, grouping, sharding and batching rules,
+and the calls themselves (:func:`update`, :func:`update_stored`, :func:`step`)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import custom_batching
+from jax.experimental.custom_partitioning import (
+    ArrayMapping,
+    SdyShardingRule,
+    custom_partitioning,
+)
+from jax.sharding import NamedSharding, PartitionSpec
+from jaxlib.mlir import ir
+
+from bayesopt_jax._src import quantize
+from bayesopt_jax._src.native.loading import (
+    RULES,
+    STREAM_TARGET,
+    step_target,
+    stored_target,
+    update_target,
+)
+
+
+def on_cpu(kernel: Any, pure: Any, *args: Any) -> Any:
+    """``kernel(*args)`` when lowering for the CPU, ``pure(*args)`` elsewhere.
+
+    Where the CPU is the only backend, ``pure`` is not even traced (tracing
+    both branches of ``lax.platform_dependent`` doubles the tracing time of
+    a large tree).
+    """
+    if jax.default_backend() == "cpu":
+        return kernel(*args)
+    return jax.lax.platform_dependent(*args, cpu=kernel, default=pure)
+
+
+def is_native_leaf(*arrays: Any) -> bool:
+    """Whether these leaves (gradient, state, parameters) are all float32 of one shape."""
+    if not all(hasattr(a, "dtype") for a in arrays):
+        return False  # state in a storage format (codes and scales)
+    shape = jnp.shape(arrays[0])
+    return all(
+        jnp.result_type(a) == jnp.float32 and jnp.shape(a) == shape and jnp.size(a) > 0
+        for a in arrays
+    )
+
+
+def is_stored_leaf(g: Any, states: list) -> bool:
+    """Whether a float32 gradient's state is all in 8-bit storage the stored kernel runs.
+
+    Every state buffer stored (:func:`.quantize.as_stored`), codes shaped
+    like the gradient, one scale shape for all (the same blocks), at least
+    one axis.
+    """
+    if not hasattr(g, "dtype") or jnp.result_type(g) != jnp.float32:
+        return False
+    shape = jnp.shape(g)
+    qs = [quantize.as_stored(x) for x in states]
+    if not shape or jnp.size(g) == 0 or not qs or any(q is None for q in qs):
+        return False
+    scale = jnp.shape(qs[0].scale)
+    return all(q.shape == shape and jnp.shape(q.scale) == scale for q in qs) and len(scale) == len(
+        shape
+    )
+
+
+def _local_update(static, scalars, *leaves):
+    """A rule's update kernel on whole (or per-device) arrays: the new state."""
+    rule = static[0]
+    groups = 1 + RULES[rule].states
+    k = len(leaves) // groups
+    call = jax.ffi.ffi_call(
+        update_target(rule),
+        # Each result has its input's type, sharding and varying axes included.
+        [jax.typeof(x) for x in leaves[k:]],
+        input_output_aliases={1 + k + i: i for i in range(k * (groups - 1))},
+        vmap_method="sequential",
+    )
+    return list(call(scalars, *leaves))
+
+
+def _local_step(static, scalars, step, *leaves):
+    """A rule's step kernel on whole (or per-device) arrays: ``(p, *state)``."""
+    rule, decay = static
+    groups = 2 + RULES[rule].states
+    k = len(leaves) // groups
+    outs = [*leaves[:k], *leaves[2 * k :]]
+    call = jax.ffi.ffi_call(
+        step_target(rule),
+        [jax.typeof(x) for x in outs],
+        input_output_aliases={
+            **{2 + i: i for i in range(k)},
+            **{2 + 2 * k + i: k + i for i in range(len(outs) - k)},
+        },
+        vmap_method="sequential",
+    )
+    return list(call(scalars, step, *leaves, decay=np.asarray(decay, np.int64)))
+
+
+def _local_update_stored(static, scalars, values, mids, below, *leaves):
+    """A rule's update kernel over 8-bit state: ``(u, codes0, scale0, ...)``."""
+    rule = static[0]
+    k = len(leaves) // (1 + 2 * RULES[rule].states)
+    gs = leaves[:k]
+    call = jax.ffi.ffi_call(
+        stored_target(rule),
+        [jax.typeof(x) for x in leaves],  # u like g, then codes and scales
+        input_output_aliases={4 + k + i: k + i for i in range(len(leaves) - k)},
+        vmap_method="sequential",
+    )
+    last = np.asarray([jnp.shape(g)[-1] for g in gs], np.int64)
+    top_min = np.int64(quantize.kernel_tables()[3])
+    return list(call(scalars, values, mids, below, *leaves, last=last, top_min=top_min))
+
+
+def _stored_partitionable() -> Any:
+    """:func:`_local_update_stored` made partitionable under a sharded ``jit``.
+
+    Gradient, update and codes of a leaf share its sharding; the scales take
+    it along the leading axes and along the last axis too when each device's
+    share of it is whole blocks (:func:`.quantize.whole_blocks`). Otherwise
+    the leaf is gathered along its last axis, so that no block is split.
+    """
+    fn = custom_partitioning(_local_update_stored, static_argnums=(0,))
+    n_tables = 4
+
+    def slots(static):
+        return RULES[static[0]].states
+
+    def rule(static, mesh, operand_types, result_types):
+        del mesh, result_types
+        ranks = [len(ir.RankedTensorType(t).shape) for t in operand_types[n_tables:]]
+        k = len(ranks) // (1 + 2 * slots(static))
+        leaf = [ArrayMapping(*[f"l{i}_d{d}" for d in range(ranks[i])]) for i in range(k)]
+        scale = [
+            ArrayMapping(*[f"l{i}_d{d}" for d in range(ranks[i] - 1)], f"l{i}_blocks")
+            for i in range(k)
+        ]
+        table_ranks = [len(ir.RankedTensorType(t).shape) for t in operand_types[:n_tables]]
+        tables = [[f"table{j}_d{d}" for d in range(r)] for j, r in enumerate(table_ranks)]
+        return SdyShardingRule(
+            operand_mappings=(
+                *(ArrayMapping(*names) for names in tables),
+                *leaf,
+                *(leaf + scale) * slots(static),
+            ),
+            result_mappings=(*leaf, *(leaf + scale) * slots(static)),
+            need_replication_factors=tuple(n for names in tables for n in names),
+        )
+
+    def partition(static, mesh, arg_shapes, result_shape):
+        k = (len(arg_shapes) - n_tables) // (1 + 2 * slots(static))
+        shardings = []
+        for i in range(k):
+            g, scale = arg_shapes[n_tables + i], arg_shapes[n_tables + 2 * k + i]
+            sharding = g.sharding
+            if not isinstance(sharding, NamedSharding):
+                shardings.append(NamedSharding(mesh, PartitionSpec()))
+                continue
+            spec = list(sharding.spec) + [None] * (len(g.shape) - len(sharding.spec))
+            last = spec[-1]
+            axes = () if last is None else (last,) if isinstance(last, str) else tuple(last)
+            devices = int(np.prod([mesh.shape[a] for a in axes]))
+            if not quantize.whole_blocks(g.shape[-1], scale.shape[-1], devices):
+                spec[-1] = None
+            shardings.append(NamedSharding(mesh, PartitionSpec(*spec)))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        leaves = [*shardings, *shardings * (2 * slots(static))]
+        return (
+            mesh,
+            functools.partial(_local_update_stored, static),
+            leaves,
+            (*[replicated] * n_tables, *leaves),
+        )
+
+    fn.def_partition(partition=partition, sharding_rule=rule)
+    return fn
+
+
+def _partitionable(local: Any, n_scalars: int, groups: Any) -> Any:
+    """``local`` made partitionable: under a sharded ``jit`` each device runs it on its shards.
+
+    The kernels are elementwise over leaves, so leaf i of every group shares
+    one sharding and nothing is communicated; the ``n_scalars`` leading
+    operands are replicated. ``groups(static)`` gives the number of leaf
+    groups in and out. Single-device and ``shard_map``/``pmap`` bodies call
+    ``local`` directly.
+    """
+    fn = custom_partitioning(local, static_argnums=(0,))
+
+    def leaf_factors(i: int, rank: int) -> ArrayMapping:
+        return ArrayMapping(*[f"l{i}_d{d}" for d in range(rank)])
+
+    def rule(static, mesh, operand_types, result_types):
+        del mesh, result_types
+        in_groups, out_groups = groups(static)
+        ranks = [len(ir.RankedTensorType(t).shape) for t in operand_types[n_scalars:]]
+        k = len(ranks) // in_groups
+        per_leaf = [leaf_factors(i, ranks[i]) for i in range(k)]
+        names = [f"scalars{j}" for j in range(n_scalars)]
+        return SdyShardingRule(
+            operand_mappings=(*(ArrayMapping(n) for n in names), *(per_leaf * in_groups)),
+            result_mappings=tuple(per_leaf * out_groups),
+            need_replication_factors=tuple(names),
+        )
+
+    def partition(static, mesh, arg_shapes, result_shape):
+        in_groups, out_groups = groups(static)
+        k = (len(arg_shapes) - n_scalars) // in_groups
+        leaf_shardings = [arg_shapes[n_scalars + i].sharding for i in range(k)]
+        replicated = NamedSharding(mesh, PartitionSpec())
+        arg_shardings = (*[replicated] * n_scalars, *(leaf_shardings * in_groups))
+        return (
+            mesh,
+            functools.partial(local, static),
+            leaf_shardings * out_groups,
+            arg_shardings,
+        )
+
+    fn.def_partition(partition=partition, sharding_rule=rule)
+    return fn
+
+
+def _update_groups(static):
+    n = RULES[static[0]].states
+    return 1 + n, n
+
+
+def _step_groups(static):
+    n = RULES[static[0]].states
+    return 2 + n, 1 + n
+
+
+_update_call = _partitionable(_local_update, 1, _update_groups)
+_step_call = _partitionable(_local_step, 2, _step_groups)
+
+
+_stored_call = _stored_partitionable()
+
+
+def _batchable(call: Any, static: Any, n_scalars: int) -> Any:
+    """``call(static, ...)`` with a ``vmap`` rule (``custom_partitioning`` has none).
+
+    The kernels are elementwise, so a batch of leaves is just more elements:
+    one call covers it when the scalars are shared, one call per example
+    (``lax.map``) when they are batched too.
+    """
+
+    @custom_batching.custom_vmap
+    def fn(*operands):
+        return call(static, *operands)
+
+    @fn.def_vmap
+    def rule(axis_size, in_batched, *operands):
+        scalars, leaves = operands[:n_scalars], operands[n_scalars:]
+        leaves = [
+            x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+            for x, batched in zip(leaves, in_batched[n_scalars:], strict=True)
+        ]
+        if any(in_batched[:n_scalars]):
+            scalars = [
+                x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+                for x, batched in zip(scalars, in_batched[:n_scalars], strict=True)
+            ]
+            out = jax.lax.map(lambda a: fn(*a[0], *a[1]), (scalars, leaves))
+        else:
+            out = fn(*scalars, *leaves)
+        return out, [True] * len(out)
+
+    return fn
+
+
+# XLA's compile time grows faster than linearly with the number of operands
+# of one custom call (about 110 s for one call over 1,000 leaves, measured),
+# so the leaves go in groups; each call is still multi-threaded.
+LEAVES_PER_CALL = 64
+
+
+def _groups(k: int) -> list[slice]:
+    return [slice(i, min(k, i + LEAVES_PER_CALL)) for i in range(0, k, LEAVES_PER_CALL)]
+
+
+def stream(y: jax.Array, xs: list, a: float) -> list:
+    """Every ``x`` becomes ``a·x + y`` in place (a bandwidth probe for the benchmarks)."""
+    call = jax.ffi.ffi_call(
+        STREAM_TARGET,
+        [jax.typeof(x) for x in xs],
+        input_output_aliases={1 + i: i for i in range(len(xs))},
+    )
+    return list(call(y, *xs, a=np.float32(a)))
+
+
+def update(rule: str, scalars: jax.Array, gs: list, states: list[list]) -> list[list]:
+    """Runs ``rule`` over every leaf: the new state (in place), in a few calls.
+
+    ``states`` holds one list of leaves per state buffer of the rule. The
+    updates are left to the caller, to be formed from the new state inside
+    the loop that applies them (no buffer of updates is written and read).
+    """
+    check_rule(rule, scalars, states)
+    if _eager(scalars, gs, states):
+        # Outside ``jit`` the partitioning rule is not applied: run it under
+        # ``jit`` so that sharded leaves keep their shardings.
+        return _jitted_update(rule, scalars, gs, states)
+    new = [[] for _ in states]
+    for part in _groups(len(gs)):
+        k = len(gs[part])
+        operands = [x for group in (gs, *states) for x in group[part]]
+        out = _batchable(_update_call, (rule,), 1)(scalars, *operands)
+        for j in range(len(states)):
+            new[j] += out[j * k : (j + 1) * k]
+    return new
+
+
+def update_stored(
+    rule: str, scalars: jax.Array, gs: list, states: list[list[quantize.Quantized]]
+) -> tuple[list, list[list[quantize.Quantized]]]:
+    """Runs ``rule`` over leaves whose state is in 8-bit storage: the updates and the new state.
+
+    ``states`` holds one list of :class:`~.quantize.Quantized` per state
+    buffer of the rule (see :func:`is_stored_leaf`); codes and scales are
+    updated in place.
+    """
+    check_rule(rule, scalars, states)
+    if _eager(scalars, gs, states):
+        return _jitted_update_stored(rule, scalars, gs, states)
+    values, mids, below, _ = quantize.kernel_tables()
+    tables = [jnp.asarray(values), jnp.asarray(mids), jnp.asarray(below)]
+    us, new = [], [[] for _ in states]
+    for part in _groups(len(gs)):
+        k = len(gs[part])
+        operands = [*gs[part]]
+        for col in states:
+            operands += [q.codes for q in col[part]] + [q.scale for q in col[part]]
+        out = _batchable(_stored_call, (rule,), 4)(scalars, *tables, *operands)
+        us += out[:k]
+        for j in range(len(states)):
+            codes = out[k + 2 * j * k : k + (2 * j + 1) * k]
+            scales = out[k + (2 * j + 1) * k : k + (2 * j + 2) * k]
+            new[j] += [quantize.Quantized(c, sc) for c, sc in zip(codes, scales, strict=True)]
+    return us, new
+
+
+def step(
+    rule: str,
+    scalars: jax.Array,
+    factor_and_decay: jax.Array,
+    ps: list,
+    gs: list,
+    states: list[list],
+    decay: list[bool],
+) -> tuple[list, list[list]]:
+    """Runs ``rule`` and applies its update: ``p ← p + factor·(u + wd·p [where decay])``.
+
+    ``factor_and_decay`` is float32 ``[factor, wd]``. Parameters and state
+    are updated in place; returns the new parameters and state.
+    """
+    check_rule(rule, scalars, states)
+    if _eager(scalars, factor_and_decay, ps, gs, states):
+        return _jitted_step(rule, scalars, factor_and_decay, ps, gs, states, tuple(decay))
+    new_ps, new = [], [[] for _ in states]
+    for part in _groups(len(ps)):
+        k = len(ps[part])
+        static = (rule, tuple(int(d) for d in decay[part]))
+        operands = [x for group in (ps, gs, *states) for x in group[part]]
+        out = _batchable(_step_call, static, 2)(scalars, factor_and_decay, *operands)
+        new_ps += out[:k]
+        for j in range(len(states)):
+            new[j] += out[(1 + j) * k : (2 + j) * k]
+    return new_ps, new
+
+
+def _eager(*trees: Any) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
+
+
+_jitted_update = jax.jit(lambda *a: update(*a), static_argnums=0)
+_jitted_update_stored = jax.jit(lambda *a: update_stored(*a), static_argnums=0)
+_jitted_step = jax.jit(lambda *a: step(*a[:-1], list(a[-1])), static_argnums=(0, 6))
+
+
+def check_rule(rule: str, scalars: jax.Array, states: list) -> None:
+    if rule not in RULES:
+        raise ValueError(f"no native rule {rule!r}; known: {sorted(RULES)}")
+    want = RULES[rule]
+    if len(states) != want.states or jnp.shape(scalars) != (want.n_scalars,):
+        raise ValueError(
+            f"rule {rule!r} takes {want.states} state buffers and {want.n_scalars} scalars, "
+            f"got {len(states)} and shape {jnp.shape(scalars)}"
+        )

@@ -1,6 +1,7 @@
 """Every optimizer and transformation of the package, with injectable arguments."""
 
 import functools
+from typing import NamedTuple
 
 import pytest
 
@@ -56,6 +57,53 @@ OPTIMIZERS = {
         dict(eta=1e-2, beta=0.999, eps=1e-16),
     ),
 }
+
+
+# What each entry can do, the one place the per-feature lists come from:
+# native: fused_step runs it as one native call on float32 CPU arrays;
+# eight_bit: its state-dtype arguments that take a storage format (Blockwise8);
+# optax / torch: the name of the counterpart in Optax / torch.optim, if any.
+class Capabilities(NamedTuple):
+    native: bool
+    eight_bit: tuple[str, ...]
+    optax: str | None
+    torch: str | None
+
+
+ADAM_STATE = ("mu_dtype", "nu_dtype")
+SIGMA_STATE = ("mu_dtype", "nu_dtype", "sigma_dtype")
+CAPABILITIES = {
+    "adam": Capabilities(True, ADAM_STATE, "adam", "Adam"),
+    "adam_nesterov": Capabilities(False, ADAM_STATE, "adam", "NAdam"),
+    "adamw": Capabilities(True, ADAM_STATE, "adamw", "AdamW"),
+    "amsgrad": Capabilities(True, ADAM_STATE, "amsgrad", None),
+    "amsgrad_raw": Capabilities(True, ADAM_STATE, None, "Adam"),
+    "amsgrad_reddi": Capabilities(True, ADAM_STATE, None, None),
+    "adamax": Capabilities(False, (), "adamax", "Adamax"),
+    "adagrad": Capabilities(False, (), "adagrad", None),
+    "adagrad_torch": Capabilities(False, (), None, "Adagrad"),
+    "rmsprop": Capabilities(False, (), "rmsprop", None),
+    "rmsprop_torch_momentum": Capabilities(False, (), None, "RMSprop"),
+    "rmsprop_centered_momentum": Capabilities(False, (), "rmsprop", None),
+    "sigma_filter": Capabilities(True, SIGMA_STATE, None, None),
+    "sigma_filter_momentum": Capabilities(True, SIGMA_STATE, None, None),
+    "variational_sigma_filter": Capabilities(False, SIGMA_STATE, None, None),
+    "sigma_fixed_point": Capabilities(True, SIGMA_STATE, None, None),
+}
+assert CAPABILITIES.keys() == OPTIMIZERS.keys(), "every optimizer states its capabilities"
+
+
+def with_native() -> list[str]:
+    return sorted(n for n, c in CAPABILITIES.items() if c.native)
+
+
+def with_eight_bit() -> list[str]:
+    return sorted(n for n, c in CAPABILITIES.items() if c.eight_bit)
+
+
+def make_eight_bit(name, fmt, **overrides):
+    """The optimizer with every state buffer that can be in ``fmt``'s storage stored so."""
+    return make(name, **{arg: fmt for arg in CAPABILITIES[name].eight_bit}, **overrides)
 
 
 # The inner loop's representatives, one of each kind: Adam (a native rule, two

@@ -125,8 +125,8 @@ def _run(root: pathlib.Path, targets: list[str], patch: bool) -> tuple[set[str],
 
 # Two shards of about equal time: alias_test.py alone, and the rest.
 SHARDS = {"alias": FILES[:1], "rest": FILES[1:]}
-# Each shard holds well over this many tests (alias: ~640, the rest: ~1400 on Optax 0.2.8).
-MIN_PASSED = {"alias": 300, "rest": 600}
+# Each shard holds well over this many tests (522 and 790 pass on Optax 0.2.8).
+MIN_PASSED = {"alias": 400, "rest": 600}
 
 
 @pytest.mark.optax_suite

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from registry import make, make_eight_bit, with_eight_bit
 
 import bayesopt_jax as bj
 from bayesopt_jax._src import quantize
@@ -165,21 +166,12 @@ def test_constant_storage_is_the_encoder_of_the_constant(shape, value):
             np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(expect.scale))
 
 
-OPTIMIZERS_8BIT = {
-    "adam": lambda f: bj.adam(1e-3, mu_dtype=f, nu_dtype=f),
-    "adamw": lambda f: bj.adamw(1e-3, mu_dtype=f, nu_dtype=f),
-    "amsgrad": lambda f: bj.amsgrad(1e-3, mu_dtype=f, nu_dtype=f),
-    "sigma_filter": lambda f: bj.sigma_filter(1e-3, nu_dtype=f, sigma_dtype=f),
-    "sigma_fixed_point": lambda f: bj.sigma_fixed_point(1e-3, nu_dtype=f),
-}
-
-
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS_8BIT))
+@pytest.mark.parametrize("name", with_eight_bit())
 def test_bare_array_parameters_with_stored_state(name):
     """A single array as the parameters: the state's 8-bit nodes are one buffer, not two."""
-    tx = OPTIMIZERS_8BIT[name](quantize.Blockwise8())
+    tx = make_eight_bit(name, quantize.Blockwise8())
     p = jnp.linspace(-1.0, 1.0, 3 * 64 * 128).reshape(3, 64, 128)
-    ref = OPTIMIZERS_8BIT[name](None)
+    ref = make(name)
     s, s_ref = tx.init(p), ref.init(p)
     for step in range(3):
         g = jnp.cos(p * (step + 1))
@@ -194,10 +186,10 @@ def test_bare_array_parameters_with_stored_state(name):
         tx.update(jnp.ones((3, 64, 64)), s, jnp.ones((3, 64, 64)))
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS_8BIT))
+@pytest.mark.parametrize("name", with_eight_bit())
 @pytest.mark.parametrize("shape", [(0, 300), (0, 0), (2, 0, 5), (0,)])
 def test_empty_arrays_with_stored_state(name, shape):
-    tx = OPTIMIZERS_8BIT[name](quantize.Blockwise8())
+    tx = make_eight_bit(name, quantize.Blockwise8())
     p = {"empty": jnp.zeros(shape), "w": jnp.ones(5)}
     s = tx.init(p)
     u, s = tx.update(p, s, p)

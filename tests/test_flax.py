@@ -175,6 +175,7 @@ def _mlp_bounds(tx, x, y, steps):
     return trajectory_bound(tx, _mlp_params(), grad, grad_error, [None] * steps, unit=U32)
 
 
+@pytest.mark.slow  # a training loop
 def test_fused_optimizer_follows_nnx_optimizer():
     from bayesopt_jax._src import native
     from bayesopt_jax.nnx import FusedOptimizer

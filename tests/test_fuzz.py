@@ -13,6 +13,9 @@ import reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+# A randomized search over many examples: the full suite only.
+pytestmark = pytest.mark.slow
+
 import bayesopt_jax as bj
 
 SETTINGS = settings(

@@ -341,7 +341,7 @@ def test_donated_parameters_and_moments_are_updated_in_place():
 
 
 @needs_native
-@pytest.mark.parametrize("explicit", [False, True])
+@pytest.mark.parametrize("explicit", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_sharded_jit_runs_the_kernel_on_each_shard(explicit, rng):
     mesh = mesh_4x2()
     if explicit:

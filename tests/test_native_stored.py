@@ -165,6 +165,7 @@ def _put(mesh, specs, tree):
     return {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in tree.items()}
 
 
+@pytest.mark.slow  # eight-device layouts; the float32 kernel's are in the inner loop
 @needs_native
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
 def test_sharded_jit_runs_the_kernel_per_shard_and_equals_one_device(rng):

@@ -512,6 +512,7 @@ def _put(mesh, spec):
     }
 
 
+@pytest.mark.slow  # sharding layouts (the inner loop: tests/test_parallel.py)
 def test_stored_state_sharded_like_the_parameters():
     from jax.sharding import PartitionSpec as P
 
@@ -531,6 +532,7 @@ def test_stored_state_sharded_like_the_parameters():
     _sharded_step_matches_one_device(tx, params, grads, put, shardings)
 
 
+@pytest.mark.slow  # sharding layouts (the inner loop: tests/test_parallel.py)
 def test_zero_split_of_stored_state_keeps_blocks_whole():
     """``split_over``: state split over a data axis the parameters are replicated on."""
     from jax.sharding import PartitionSpec as P

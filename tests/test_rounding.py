@@ -150,7 +150,14 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+# The inner loop trains three of them: a native rule, 8-bit state, Optax's own.
+INNER = ("adam", "adam_8bit", "optax_lion")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n if n in INNER else pytest.param(n, marks=pytest.mark.slow) for n in sorted(OPTIMIZERS)],
+)
 @pytest.mark.parametrize("rounding", ["kahan", "stochastic"])
 def test_every_optimizer_trains_bf16_parameters(name, rounding):
     params, loss = _mixed_problem()
@@ -175,6 +182,7 @@ def test_every_optimizer_trains_bf16_parameters(name, rounding):
         assert state[1].compensation["scale"] == optax.MaskedNode()
 
 
+@pytest.mark.slow  # every wrapper and a checkpoint round trip; the inner loop has one of each kind elsewhere
 def test_rounding_with_optax_wrappers_and_checkpoints(tmp_path):
     params, loss = _mixed_problem()
     grads = [jax.grad(loss)(params)] * 4
@@ -222,6 +230,7 @@ def test_arguments_are_checked():
         bj.stochastic_rounding(key=jnp.ones(3))
 
 
+@pytest.mark.slow  # five layouts of eight devices
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
 def test_rounding_is_independent_of_the_sharding():
     from jax.sharding import NamedSharding

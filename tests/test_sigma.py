@@ -290,6 +290,7 @@ def test_full_filter_matches_reference(x64, rng):
     assert rejects(got, ref.sigma_filter_full(grads, 0.05 * (1 + 1e-6), 0.95, 0.5, unit=U64)[0])
 
 
+@pytest.mark.slow  # a float64 run of the full-matrix filter
 def test_full_filter_with_diagonal_G_equals_diagonal_filter(x64, rng):
     # One non-zero coordinate per step keeps every g gᵀ, hence G, diagonal.
     grads = []

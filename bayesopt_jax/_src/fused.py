@@ -228,7 +228,7 @@ def fusion_reason(
       >>> import bayesopt_jax as bj
       >>> p = {"w": jnp.ones(3)}
       >>> sgd = optax.sgd(0.1)
-      >>> print(bj.fusion_reason(sgd, p, sgd.init(p), p)[:40])
+      >>> print(bj.fusion_reason(sgd, p, sgd.init(p), p)[:39])
       the transformation is not a chain built
       >>> try:
       ...     bj.fused_step(sgd, p, sgd.init(p), p, strict=True)

@@ -68,8 +68,12 @@ def library_name() -> str:
     return LIBRARY_STEM + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
 
 
-def build(output: Path | None = None) -> Path:
-    """Compiles the kernels to ``output`` (default: next to the sources)."""
+def build(output: Path | None = None, defines: tuple[str, ...] = ()) -> Path:
+    """Compiles the kernels to ``output`` (default: next to the sources).
+
+    ``defines``: preprocessor names to set (``BJ_BENCHMARK_KERNELS`` adds the
+    benchmark's bandwidth probe, for the benchmark's own copy of the library).
+    """
     output = Path(output) if output is not None else HERE / library_name()
     output.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -77,6 +81,7 @@ def build(output: Path | None = None) -> Path:
         *FLAGS,
         *(X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64") else []),
         f"-I{include_dir()}",
+        *(f"-D{name}" for name in defines),
         *map(str, SOURCES),
         "-o",
         str(output),

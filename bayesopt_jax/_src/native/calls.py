@@ -21,7 +21,6 @@ from jaxlib.mlir import ir
 from bayesopt_jax._src import quantize
 from bayesopt_jax._src.native.loading import (
     RULES,
-    STREAM_TARGET,
     step_target,
     stored_target,
     update_target,
@@ -284,16 +283,6 @@ LEAVES_PER_CALL = 64
 
 def _groups(k: int) -> list[slice]:
     return [slice(i, min(k, i + LEAVES_PER_CALL)) for i in range(0, k, LEAVES_PER_CALL)]
-
-
-def stream(y: jax.Array, xs: list, a: float) -> list:
-    """Every ``x`` becomes ``a·x + y`` in place (a bandwidth probe for the benchmarks)."""
-    call = jax.ffi.ffi_call(
-        STREAM_TARGET,
-        [jax.typeof(x) for x in xs],
-        input_output_aliases={1 + i: i for i in range(len(xs))},
-    )
-    return list(call(y, *xs, a=np.float32(a)))
 
 
 def update(rule: str, scalars: jax.Array, gs: list, states: list[list]) -> list[list]:

@@ -746,7 +746,10 @@ ffi::Error UpdateQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   return ffi::Error::Success();
 }
 
-// A streaming kernel for measuring memory bandwidth (benchmarks only): every
+#ifdef BJ_BENCHMARK_KERNELS
+// A streaming kernel for measuring memory bandwidth, compiled only into the
+// benchmark's own copy of this file (benchmarks/bench.py builds it with
+// -DBJ_BENCHMARK_KERNELS; the installed library does not carry it): every
 // output buffer x_i (aliased to its input) becomes a·x_i + y, for one
 // read-only y. With one x it is the classic in-place triad (12 bytes per
 // element); with three it moves the 28 bytes of the fused Adam step.
@@ -781,9 +784,11 @@ ffi::Error Stream(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::RemainingA
   });
   return ffi::Error::Success();
 }
+#endif  // BJ_BENCHMARK_KERNELS
 
 }  // namespace
 
+#ifdef BJ_BENCHMARK_KERNELS
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BjStreamF32, Stream,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -791,6 +796,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BjStreamF32, Stream,
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<float>("a"));
+#endif  // BJ_BENCHMARK_KERNELS
 
 // Each rule's handlers: Bj<Name>UpdateF32, Bj<Name>StepF32 and Bj<Name>UpdateQ8.
 #define BJ_REGISTER_RULE(NAME, RULE)                                          \

@@ -18,7 +18,6 @@ ABI_VERSION = 6  # kernels.cc's BJ_ABI_VERSION
 
 
 RULES = rules.RULES  # the rule table, declared once (rules.py)
-STREAM_TARGET = "bayesopt_jax_stream_f32"
 
 
 def update_target(rule: str) -> str:
@@ -79,9 +78,6 @@ def _load() -> str | None:
             ]:
                 capsule = jax.ffi.pycapsule(getattr(lib, handler))
                 jax.ffi.register_ffi_target(target, capsule, platform="cpu")
-        jax.ffi.register_ffi_target(
-            STREAM_TARGET, jax.ffi.pycapsule(lib.BjStreamF32), platform="cpu"
-        )
     except (OSError, AttributeError, RuntimeError, ValueError) as err:
         return f"could not load {path.name}: {err}"
     return None

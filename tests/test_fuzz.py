@@ -13,10 +13,10 @@ import reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import bayesopt_jax as bj
+
 # A randomized search over many examples: the full suite only.
 pytestmark = pytest.mark.slow
-
-import bayesopt_jax as bj
 
 SETTINGS = settings(
     max_examples=20,

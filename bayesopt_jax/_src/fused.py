@@ -217,7 +217,10 @@ def fusion_reason(
     """Why :func:`fused_step` would run ``update`` + ``apply_updates`` here; ``None`` if it fuses.
 
     Args:
-      tx, grads, state, params: as for :func:`fused_step`.
+      tx: the optimizer, as for :func:`fused_step`.
+      grads: the gradients.
+      state: ``tx``'s state.
+      params: the current parameters.
 
     Returns:
       ``None`` when the step runs as one native call per group of leaves,

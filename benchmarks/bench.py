@@ -341,7 +341,8 @@ def _stream_probe() -> str | None:
 
     try:
         path = build.build(
-            Path("outputs/benchmarks") / build.library_name().replace(build.LIBRARY_STEM, "_bench_kernels", 1),
+            Path("outputs/benchmarks")
+            / build.library_name().replace(build.LIBRARY_STEM, "_bench_kernels", 1),
             defines=("BJ_BENCHMARK_KERNELS",),
         )
         lib = ctypes.cdll.LoadLibrary(str(path.resolve()))

@@ -121,13 +121,14 @@ INNER_LOOP = (
 assert set(INNER_LOOP) <= set(OPTIMIZERS)
 
 
+def slow_except(all_names, keep) -> list:
+    """``all_names`` for ``parametrize``: those outside ``keep`` carry the ``slow`` marker."""
+    return [n if n in keep else pytest.param(n, marks=pytest.mark.slow) for n in all_names]
+
+
 def names() -> list:
-    """Every name of :data:`OPTIMIZERS`, sorted, for ``parametrize``; outside the inner loop's
-    representatives each carries the ``slow`` marker."""
-    return [
-        n if n in INNER_LOOP else pytest.param(n, marks=pytest.mark.slow)
-        for n in sorted(OPTIMIZERS)
-    ]
+    """Every name of :data:`OPTIMIZERS`, sorted; outside :data:`INNER_LOOP` marked ``slow``."""
+    return slow_except(sorted(OPTIMIZERS), INNER_LOOP)
 
 
 def lr_name(name):

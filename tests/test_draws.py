@@ -25,7 +25,7 @@ def _words(seed: int) -> jnp.ndarray:
 def test_uniform_is_the_integer_transcription_bit_for_bit(shape, seed):
     words = _words(seed)
     u = draws.uniform_pm1(draws.bits(words, shape), np.float32)
-    ref = draws.normal_reference(np.asarray(words), shape)
+    ref = draws.uniform_reference(np.asarray(words), shape)
     # Integer arithmetic and one exact float32 expression: identical on every host.
     np.testing.assert_array_equal(np.asarray(u, np.float64), ref)
     assert np.all(np.abs(ref) < 1)
@@ -101,7 +101,7 @@ def test_variational_noise_is_a_function_of_key_step_and_position():
     noise = variational.noise_tree(vs)
     words = draws.step_words(vs.key, vs.count, 2)
     for i, name in enumerate(["a", "b"]):
-        ref = draws.normal_reference(np.asarray(words[i]), params[name].shape)
+        ref = draws.uniform_reference(np.asarray(words[i]), params[name].shape)
         got = np.asarray(draws.uniform_pm1(draws.bits(words[i], params[name].shape), np.float32))
         np.testing.assert_array_equal(got, ref)
         np.testing.assert_array_equal(

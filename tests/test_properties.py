@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 from bounds import U32, check_tree, trajectory_bound, tree_rejects, update_bounds
-from registry import OPTIMIZERS, lr_name, make, momentum_after_lr, names
+from registry import OPTIMIZERS, lr_name, make, momentum_after_lr, names, slow_except
 
 import bayesopt_jax as bj
 
@@ -173,7 +173,7 @@ def test_multisteps_equals_mean_gradient(name):
 
 @pytest.mark.parametrize(
     "name",  # injecting every argument compiles many programs: Adam alone in the inner loop
-    [n if n == "adam" else pytest.param(n, marks=pytest.mark.slow) for n in sorted(OPTIMIZERS)],
+    slow_except(sorted(OPTIMIZERS), ("adam",)),
 )
 def test_every_numeric_argument_is_injectable(name):
     factory, kwargs = OPTIMIZERS[name]

@@ -6,6 +6,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from registry import slow_except
 
 import bayesopt_jax as bj
 
@@ -156,7 +157,7 @@ INNER = ("adam", "adam_8bit", "optax_lion")
 
 @pytest.mark.parametrize(
     "name",
-    [n if n in INNER else pytest.param(n, marks=pytest.mark.slow) for n in sorted(OPTIMIZERS)],
+    slow_except(sorted(OPTIMIZERS), INNER),
 )
 @pytest.mark.parametrize("rounding", ["kahan", "stochastic"])
 def test_every_optimizer_trains_bf16_parameters(name, rounding):

@@ -110,9 +110,9 @@ def normal_from_uniform(u: Array) -> Array:
     return jnp.asarray(math.sqrt(2.0), u.dtype) * jax.lax.erf_inv(u)
 
 
-def normal_reference(words: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """NumPy transcription of :func:`normal`'s uniform ``u`` (float64) for arrays below 2**32
-    entries; the tests apply an independent erf⁻¹ to it."""
+def uniform_reference(words: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """NumPy transcription of the uniform ``u`` behind :func:`normal` (float64), for arrays
+    below 2**32 entries; the tests apply an independent erf⁻¹ to it."""
     w = [np.uint64(int(x)) for x in np.asarray(words, np.uint32)]
     mask = np.uint64(0xFFFFFFFF)
 

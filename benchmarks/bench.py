@@ -183,11 +183,17 @@ OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation], int, int
         "fused",
     ),
     # The variational mode's step includes the training-time draw
-    # θ̃ = θ + √v·ε (read θ and ν, write θ̃, plus one normal per parameter).
+    # θ̃ = θ + √v·ε (read θ and the curvature, write θ̃, one normal per
+    # parameter), and its gradient is taken there: g + 1e-3·θ̃ (one pass).
+    # "bj.adam at weights" is Adam with the same gradient pass at θ, its
+    # like-for-like baseline. Ideal bytes: the draw 12, the gradient pass 12,
+    # the update (g and four state buffers read, four written) 36, applying
+    # u = σ·m̂ (p, g, σ, m read, p written) 20.
+    "bj.adam at weights": (lambda: bj.adam(1e-3), 8, 48, "at weights"),
     "bj.variational_sigma_filter + sample": (
         lambda: bj.variational_sigma_filter(1e-3, num_data=10**6, batch_size=64),
-        12,
-        56,
+        16,
+        80,
         "sample",
     ),
     # Not an optimizer: the same call with the same (donated) buffers and no
@@ -211,7 +217,7 @@ def _load_ivon_port(path: str) -> None:
     OPTIMIZERS["ivon-optax + sample"] = (
         lambda: module.ivon(0.2, ess=10**6, hess_init=0.5, beta2=0.999, weight_decay=1e-4),
         8,
-        56,
+        68,
         "ivon sample",
     )
 
@@ -221,9 +227,11 @@ def time_jax(make_tx, params, grads, repeats: int, warmup: int = 3, how: str = "
 
     ``how``: ``"two-call"`` (``update`` + ``apply_updates``), ``"fused"``
     (:func:`bayesopt_jax.fused_step`), ``"pure"`` (two-call with the native
-    kernels switched off while tracing), ``"sample"`` (two-call plus the
-    training-time draw :func:`bayesopt_jax.training_sample`, returned so that
-    it is computed, in the buffer the gradient came in) or ``"floor"``
+    kernels switched off while tracing), ``"sample"`` (the training-time draw
+    :func:`bayesopt_jax.training_sample`, the gradient taken there as
+    ``g + 1e-3·θ̃``, then two-call; that gradient is returned in the buffer
+    the gradient came in), ``"at weights"`` (the same with ``g + 1e-3·θ`` and
+    no draw) or ``"floor"``
     (returns the donated parameters and state untouched); ``"packed ..."``
     runs the rest on parameters and gradients packed by :func:`bayesopt_jax.pack`,
     ``"bf16 ..."`` on parameters and gradients cast to bfloat16.
@@ -247,16 +255,28 @@ def time_jax(make_tx, params, grads, repeats: int, warmup: int = 3, how: str = "
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s
 
+    def at(g, x):
+        # The gradient the step sees: the batch's g plus a quadratic penalty's
+        # gradient 1e-3·x at x, so that the step depends on where it was taken
+        # (as a real one does) and costs one elementwise pass.
+        return jax.tree.map(lambda gi, xi: gi + 1e-3 * xi.astype(gi.dtype), g, x)
+
     def sample_step(p, s, g):
-        drawn = bj.training_sample(p, s)
+        g = at(g, bj.training_sample(p, s))
         p, s = step(p, s, g)
-        return p, s, drawn
+        return p, s, g
+
+    def at_weights_step(p, s, g):
+        g = at(g, p)
+        p, s = step(p, s, g)
+        return p, s, g
 
     def ivon_step(p, s, g, key):
         # IVON's JAX port: its draw (threefry per array), then its update, in one jit.
         drawn, s = _IVON_PORT[0].sample_parameters(key, p, s)
+        g = at(g, drawn)
         p, s = step(p, s, g)
-        return p, s, drawn
+        return p, s, g
 
     params = jax.tree.map(jnp.copy, params)
     state = jax.jit(tx.init)(params)
@@ -265,10 +285,12 @@ def time_jax(make_tx, params, grads, repeats: int, warmup: int = 3, how: str = "
     )
     t0 = time.perf_counter()
     extra = ()
-    if how in ("sample", "ivon sample"):  # the draw lands in the donated gradient buffer
+    if how in ("sample", "ivon sample", "at weights"):
+        # the gradient at the draw (or at the weights) lands in the donated gradient buffer
         grads = jax.tree.map(jnp.copy, grads)
-        fn = jax.jit(sample_step if how == "sample" else ivon_step, donate_argnums=(0, 1, 2))
-        extra = () if how == "sample" else (jax.random.key(0),)
+        body = {"sample": sample_step, "ivon sample": ivon_step, "at weights": at_weights_step}
+        fn = jax.jit(body[how], donate_argnums=(0, 1, 2))
+        extra = (jax.random.key(0),) if how == "ivon sample" else ()
     else:
         fn = jax.jit(step, donate_argnums=(0, 1))
     with native.pure_jax() if how == "pure" else contextlib.nullcontext():
@@ -277,7 +299,7 @@ def time_jax(make_tx, params, grads, repeats: int, warmup: int = 3, how: str = "
     keys = iter(jax.random.split(jax.random.key(1), warmup + repeats)) if extra else None
 
     def call(params, state, grads):
-        if how == "sample":
+        if how in ("sample", "at weights"):
             return compiled(params, state, grads)
         if how == "ivon sample":  # a fresh key per step, split before the clock starts
             return compiled(params, state, grads, next(keys))

@@ -87,7 +87,7 @@ CAPABILITIES = {
     "rmsprop_centered_momentum": Capabilities(False, (), "rmsprop", None),
     "sigma_filter": Capabilities(True, SIGMA_STATE, None, None),
     "sigma_filter_momentum": Capabilities(True, SIGMA_STATE, None, None),
-    "variational_sigma_filter": Capabilities(False, SIGMA_STATE, None, None),
+    "variational_sigma_filter": Capabilities(True, SIGMA_STATE, None, None),
     "sigma_fixed_point": Capabilities(True, SIGMA_STATE, None, None),
 }
 assert CAPABILITIES.keys() == OPTIMIZERS.keys(), "every optimizer states its capabilities"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,19 +143,22 @@ def test_empirical_bayes_prior_float64(x64, rng):
 def test_mean_step_is_the_sigma_filter_and_infinite_data_is_no_noise(rng):
     """Given the gradients, the update is exactly sigma_filter's; N → ∞ samples the mean.
 
-    Both run their pure-JAX statement (the same code); ``sigma_filter``'s
-    native kernel is compared with it in tests/test_native.py.
+    Pure against pure (the same per-leaf code), and native against native
+    (the variational rule calls the σ-filter's element): bit for bit. The
+    native and pure paths are compared in tests/test_native.py and
+    tests/test_variational_native.py.
     """
     grads = grad_stream(rng, steps=20, dtype=np.float32)
     params = jnp.array([-1.0, -0.5, 0.25, 0.5, 1.0])  # nonzero: √v·ε ≈ 3e-15 is below half an ulp
     vtx = bj.variational_sigma_filter(1e-2, num_data=N, batch_size=B, key=3)
     ftx = bj.sigma_filter(1e-2, b1=0.9)
-    vs, fs = vtx.init(params), ftx.init(params)
-    for g in grads:
-        uv, vs = vtx.update(jnp.asarray(g), vs, params)
-        with native.pure_jax():
-            uf, fs = ftx.update(jnp.asarray(g), fs, params)
-        np.testing.assert_array_equal(np.asarray(uv), np.asarray(uf))
+    for pure in (True, False):
+        vs, fs = vtx.init(params), ftx.init(params)
+        with native.pure_jax() if pure else contextlib.nullcontext():
+            for g in grads:
+                uv, vs = vtx.update(jnp.asarray(g), vs, params)
+                uf, fs = ftx.update(jnp.asarray(g), fs, params)
+                np.testing.assert_array_equal(np.asarray(uv), np.asarray(uf))
     huge = bj.variational_sigma_filter(1e-2, num_data=1e30, batch_size=B, key=3)
     s = huge.init(params)
     np.testing.assert_array_equal(np.asarray(bj.training_sample(params, s)), np.asarray(params))

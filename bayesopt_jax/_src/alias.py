@@ -526,7 +526,7 @@ def variational_sigma_filter(
       >>> draws["w"].shape
       (8, 2)
     """
-    tx = optax.chain(
+    tx = engine.chain(
         variational_lib.scale_by_variational_sigma_filter(
             eta,
             num_data=num_data,
@@ -546,7 +546,7 @@ def variational_sigma_filter(
             nu_dtype=nu_dtype,
             sigma_dtype=sigma_dtype,
         ),
-        optax.scale(-1.0),
+        _descend(),
     )
     return _checked("variational_sigma_filter", tx)
 

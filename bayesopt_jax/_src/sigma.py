@@ -201,14 +201,15 @@ class Guards(NamedTuple):
     fixed_point: bool = False
 
 
-def _kernel(guards, eta_t, count, beta, b1, bias_correction, eps):
-    """The native "sigma"/"sigma_momentum" rule for these settings, or ``None``.
+def filter_scalars(
+    guards, eta_t, count, beta, b1, bias_correction, eps, *more_statics
+) -> rules.SigmaScalars | None:
+    """The native σ-filter rules' scalars for these settings, or ``None`` (no native path).
 
-    Its scalars (:class:`~bayesopt_jax._src.native.rules.SigmaScalars`) are
-    formed as the pure path forms them. ``eta`` may be traced (a schedule); the rest must be
-    Python numbers.
+    Formed as the pure path forms them. ``eta`` may be traced (a schedule);
+    the rest, and ``more_statics``, must be Python numbers.
     """
-    statics = [beta, b1, eps]
+    statics = [beta, b1, eps, *more_statics]
     statics += [x for x in (guards.max_ratio, guards.sigma_max) if x is not None]
     if not engine.python_numbers(*statics) or not native.use_native():
         return None
@@ -222,23 +223,30 @@ def _kernel(guards, eta_t, count, beta, b1, bias_correction, eps):
     e = jnp.asarray(eta_t, f32)
     first = (count == 1) if guards.sigma_init is None else False
     ratio_on = (e > 0) if guards.max_ratio is not None else False
-    scalars = rules.SigmaScalars(
+    return rules.SigmaScalars(
         beta=beta, one_minus_beta=1 - beta, rs=rs, floor=eps, eta=e, eta2=e * e, first=first,
         ratio_on=ratio_on, kappa=guards.max_ratio or 0.0, max_on=guards.sigma_max is not None,
         sigma_max=guards.sigma_max or 0.0, fixed_point=guards.fixed_point,
         clip=numerics.clip_limit(f32), b1=b1, one_minus_b1=1 - b1, rm=rm,
     )  # fmt: skip
-    if momentum:
-        return engine.Kernel("sigma_momentum", scalars, _finish_momentum)
-    return engine.Kernel("sigma", scalars, _finish)
 
 
-def _finish(sc, g, s, sig):
+def _kernel(guards, eta_t, count, beta, b1, bias_correction, eps):
+    """The native "sigma"/"sigma_momentum" rule for these settings, or ``None``."""
+    scalars = filter_scalars(guards, eta_t, count, beta, b1, bias_correction, eps)
+    if scalars is None:
+        return None
+    if not validation.is_static_zero(b1):
+        return engine.Kernel("sigma_momentum", scalars, finish_momentum)
+    return engine.Kernel("sigma", scalars, finish)
+
+
+def finish(sc, g, s, sig):
     """u = σ·g (g clipped as the kernel clips it) from the kernel's new state."""
     return sig * numerics.to_compute_again(g)
 
 
-def _finish_momentum(sc: rules.SigmaScalars, g, m, s, sig):
+def finish_momentum(sc: rules.SigmaScalars, g, m, s, sig):
     """u = σ·m/(1-b1^t) from the kernel's new state."""
     return sig * (m * sc.rm)
 

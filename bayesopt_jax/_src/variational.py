@@ -30,11 +30,13 @@ from bayesopt_jax._src import (
     buffers,
     draws,
     engine,
+    native,
     numerics,
     quantize,
     sigma,
     validation,
 )
+from bayesopt_jax._src.native import rules
 from bayesopt_jax._src.types import Array, PyTree, ScalarOrSchedule
 
 CURVATURES = ("variance", "reparam", "evidence")
@@ -107,8 +109,12 @@ def _curvature_buffer(state: ScaleByVariationalSigmaFilterState) -> PyTree:
 
 def _leaf_curvature(buf: Array, state: ScaleByVariationalSigmaFilterState) -> Array:
     """h ≥ 0, the per-example curvature, for one leaf in its compute dtype."""
+    return _leaf_curvature_at(buf, state.curvature_scale)
+
+
+def _leaf_curvature_at(buf: Array, scale: Array) -> Array:
     c = numerics.real_dtype(numerics.compute_dtype(buf.dtype))
-    return jnp.maximum(jnp.asarray(state.curvature_scale, c) * buf.astype(c), 0)
+    return jnp.maximum(jnp.asarray(scale, c) * buf.astype(c), 0)
 
 
 def _leaf_variance(h: Array, delta: Array, num_data: Array) -> Array:
@@ -170,17 +176,75 @@ def noise_tree(state: ScaleByVariationalSigmaFilterState) -> PyTree:
     return treedef.unflatten(out)
 
 
+def _sample_leaf(p, buf, scale, delta, num_data, words, noise_dtype):
+    """``θ̄ + √v ⊙ ε`` for one leaf, in ``p``'s dtype: the pure statement of the draw."""
+    h = _leaf_curvature_at(buf, scale)
+    e = draws.normal(words, buf.shape, noise_dtype)
+    p = jnp.asarray(p)
+    return (p.astype(e.dtype) + jnp.sqrt(_leaf_variance(h, delta, num_data)) * e).astype(p.dtype)
+
+
 def perturb(params: PyTree, state: ScaleByVariationalSigmaFilterState) -> PyTree:
-    """``θ̄ + √v ⊙ ε`` with the state's variance and coming noise, in ``params``' dtypes."""
+    """``θ̄ + √v ⊙ ε`` with the state's variance and coming noise, in ``params``' dtypes.
 
-    def leaf(v, e, p):
-        if _is_masked(v):
-            return p
-        c = e.dtype
-        return (jnp.asarray(p).astype(c) + jnp.sqrt(v) * e).astype(jnp.asarray(p).dtype)
+    On the CPU, float32 leaves go through the native kernel, which draws ε
+    itself: the same bits and uniform ``u`` as :func:`noise_tree`, and ε
+    within the float32 error of erf⁻¹ of the pure value (see
+    :mod:`bayesopt_jax._src.draws`). Other leaves take the pure statement.
+    """
+    state = decoded_state(state)
+    bufs, treedef = jax.tree.flatten(_curvature_buffer(state), is_leaf=_is_masked)
+    ps = treedef.flatten_up_to(params)
+    nus = treedef.flatten_up_to(state.nu)
+    live = [i for i, b in enumerate(bufs) if not _is_masked(b)]  # one δ and words each
+    words = draws.step_words(state.key, state.count, len(live))
+    out = list(ps)
+    fast = []
+    use = native.use_native()
+    for n, i in enumerate(live):
+        noise_dtype = numerics.real_dtype(numerics.compute_dtype(nus[i].dtype))
+        if use and noise_dtype == jnp.float32 and native.is_sample_leaf(ps[i], bufs[i]):
+            fast.append((n, i))
+            continue
+        out[i] = _sample_leaf(
+            ps[i],
+            bufs[i],
+            state.curvature_scale,
+            state.prior_precision[n],
+            state.num_data,
+            words[n],
+            noise_dtype,
+        )
+    if fast:
+        picked = [n for n, _ in fast]
+        deltas = jnp.asarray(state.prior_precision, jnp.float32)
+        if len(picked) < len(live):
+            deltas, words = deltas[jnp.asarray(picked)], words[jnp.asarray(picked)]
+        scalars = jnp.stack([jnp.asarray(state.num_data, jnp.float32),
+                             jnp.asarray(state.curvature_scale, jnp.float32)])  # fmt: skip
+        drawn = _native_sample(
+            scalars, deltas, words, [ps[i] for _, i in fast], [bufs[i] for _, i in fast]
+        )
+        for (_, i), x in zip(fast, drawn, strict=True):
+            out[i] = x
+    return treedef.unflatten(out)
 
-    state = decoded_state(state)  # once, for both trees below
-    return jax.tree.map(leaf, variance_tree(state), noise_tree(state), params, is_leaf=_is_masked)
+
+def _native_sample(scalars, deltas, words, ps, bufs):
+    """The native draw of these leaves; its derivative is the pure statement's."""
+
+    def pure(scalars, deltas, words, ps, bufs):
+        return [
+            _sample_leaf(p, b, scalars[1], deltas[n], scalars[0], words[n], jnp.float32)
+            for n, (p, b) in enumerate(zip(ps, bufs, strict=True))
+        ]
+
+    @jax.custom_jvp
+    def kernel(scalars, deltas, words, ps, bufs):
+        return native.sample(scalars, deltas, words, ps, bufs)
+
+    kernel.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
+    return native.on_cpu(kernel, pure, scalars, deltas, words, ps, bufs)
 
 
 def initial_prior_precision(params: PyTree, num_data: Any) -> Array:
@@ -235,6 +299,17 @@ def empirical_bayes_prior(params: PyTree, h: PyTree, delta: Array, num_data: Any
 
     out = jax.tree.map(leaf, params, h, _as_tree(delta, h), is_leaf=_is_masked)
     return _as_vector([x for x in jax.tree.leaves(out)], delta.dtype)
+
+
+def _finish(sc: rules.VariationalScalars, g, s, sig, r):
+    """u from the native ``variational`` rule's new state: the σ-filter's."""
+    del r
+    return sigma.finish(sc, g, s, sig)
+
+
+def _finish_momentum(sc: rules.VariationalScalars, g, m, s, sig, r):
+    del r
+    return sigma.finish_momentum(sc, g, m, s, sig)
 
 
 def scale_by_variational_sigma_filter(
@@ -311,6 +386,13 @@ def scale_by_variational_sigma_filter(
     regenerate the same draw and a checkpointed state resumes the same
     noise stream. The derivation, the choice of the defaults and their
     measurements are in the σ-filter documentation.
+
+    On the CPU, float32 leaves run a native kernel: the σ-filter's with the
+    curvature EMA for ``"variance"`` (the σ-filter's alone for
+    ``"evidence"``; ``"reparam"`` runs the pure statement), and
+    :func:`~bayesopt_jax.fused_step` runs the whole step in one pass when the
+    prior is fixed; :func:`~bayesopt_jax.training_sample` draws in the kernel
+    too (same bits, ε within a few float32 units; see the architecture page).
 
     With :math:`N \to \infty` the draws coincide with the mean and this is
     :func:`scale_by_sigma_filter` with the same arguments. The prior enters
@@ -390,7 +472,32 @@ def scale_by_variational_sigma_filter(
     dtypes = sigma.StateDtypes(mu_dtype, nu_dtype, sigma_dtype)
     dtypes.check(where)
     new_sigma = sigma.filter_rule(sigma_init, sigma_max, max_ratio)
+    guards = sigma.Guards(sigma_init, sigma_max, max_ratio)
     buffered = curvature in ("reparam", "variance")  # a curvature EMA of its own
+    momentum = not validation.is_static_zero(b1)
+
+    def kernel(count, eta_t, prev_count):
+        """The native rule of this step, or ``None`` (``"reparam"`` draws in the rule: none)."""
+        if curvature == "reparam":
+            return None
+        more = (hess_decay,) if curvature == "variance" else ()
+        sc = sigma.filter_scalars(guards, eta_t, count, beta, b1, bias_correction, eps, *more)
+        if sc is None:
+            return None
+        if curvature == "evidence":  # the σ-filter's step alone
+            if momentum:
+                return engine.Kernel("sigma_momentum", sc, sigma.finish_momentum)
+            return engine.Kernel("sigma", sc, sigma.finish)
+        rp = 1.0
+        if momentum and bias_correction:  # as the pure path's ``prev_debias``
+            pd = numerics.debias_factor(b1, prev_count, jnp.float32)
+            rp = jnp.where(pd > 0, 1 / jnp.where(pd > 0, pd, 1), 0)
+        scalars = rules.VariationalScalars(
+            *sc, gamma=hess_decay, one_minus_gamma=1 - hess_decay, rp=rp
+        )
+        if momentum:
+            return engine.Kernel("variational_momentum", scalars, _finish_momentum)
+        return engine.Kernel("variational", scalars, _finish)
 
     def init_fn(params):
         for leaf in jax.tree.leaves(params):
@@ -483,7 +590,7 @@ def scale_by_variational_sigma_filter(
         return engine.Prepared(
             make_leaf,
             ((count, eta_t), state.count),
-            None,
+            kernel(count, eta_t, state.count),
             (state.mu, state.nu, state.sigma, state.hess, noise, var),
             rebuild,
         )

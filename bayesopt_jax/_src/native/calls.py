@@ -21,6 +21,7 @@ from jaxlib.mlir import ir
 from bayesopt_jax._src import quantize
 from bayesopt_jax._src.native.loading import (
     RULES,
+    SAMPLE_TARGET,
     step_target,
     stored_target,
     update_target,
@@ -363,6 +364,39 @@ def step(
         for j in range(len(states)):
             new[j] += out[(1 + j) * k : (2 + j) * k]
     return new_ps, new
+
+
+def is_sample_leaf(p: Any, r: Any) -> bool:
+    """Whether the sample kernel takes this leaf: float32 parameters and curvature of one
+    shape, at least one and fewer than ``2**32`` entries (the draw's index is 32 bits)."""
+    return is_native_leaf(p, r) and jnp.size(p) < 2**32
+
+
+def _local_sample(scalars, deltas, words, *leaves):
+    k = len(leaves) // 2
+    call = jax.ffi.ffi_call(
+        SAMPLE_TARGET,
+        [jax.typeof(x) for x in leaves[:k]],
+        # under vmap one call per example: each example's entries keep their indices
+        vmap_method="sequential",
+    )
+    return list(call(scalars, deltas, words, *leaves))
+
+
+def sample(scalars: jax.Array, deltas: jax.Array, words: jax.Array, ps: list, rs: list) -> list:
+    """The variational σ-filter's draw ``p + √v·ε`` over these leaves, ε drawn in the kernel.
+
+    ``scalars`` is float32 ``[N, scale]``, ``deltas`` float32 with one δ per
+    leaf, ``words`` uint32 ``(leaves, 3)`` (:func:`.draws.step_words`), ``rs``
+    the curvature buffers (see :func:`is_sample_leaf`). The draw depends on
+    each entry's index in its whole leaf, so under a sharded ``jit`` the
+    leaves are gathered (XLA replicates the operands of a call it cannot
+    partition); the pure path partitions.
+    """
+    out = []
+    for part in _groups(len(ps)):
+        out += _local_sample(scalars, deltas[part], words[part], *ps[part], *rs[part])
+    return out
 
 
 def _eager(*trees: Any) -> bool:

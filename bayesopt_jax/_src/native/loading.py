@@ -14,7 +14,7 @@ import jax
 from bayesopt_jax._src.native import rules
 
 HERE = Path(__file__).resolve().parent
-ABI_VERSION = 6  # kernels.cc's BJ_ABI_VERSION
+ABI_VERSION = 7  # kernels.cc's BJ_ABI_VERSION
 
 
 RULES = rules.RULES  # the rule table, declared once (rules.py)
@@ -32,10 +32,12 @@ def stored_target(rule: str) -> str:
     return f"bayesopt_jax_{rule}_update_q8"
 
 
+SAMPLE_TARGET = "bayesopt_jax_variational_sample_f32"
+
 UPDATE_TARGETS = tuple(update_target(r) for r in RULES)
 STEP_TARGETS = tuple(step_target(r) for r in RULES)
 STORED_TARGETS = tuple(stored_target(r) for r in RULES)
-TARGETS = UPDATE_TARGETS + STEP_TARGETS + STORED_TARGETS
+TARGETS = UPDATE_TARGETS + STEP_TARGETS + STORED_TARGETS + (SAMPLE_TARGET,)
 
 
 def library_path() -> Path | None:
@@ -70,14 +72,16 @@ def _load() -> str | None:
         want = os.environ.get("BAYESOPT_JAX_NATIVE_ISA", "auto")
         if why := select_isa(want):
             return why
-        for name, rule in RULES.items():
-            for target, handler in [
-                (update_target(name), f"Bj{rule.symbol}UpdateF32"),
-                (step_target(name), f"Bj{rule.symbol}StepF32"),
-                (stored_target(name), f"Bj{rule.symbol}UpdateQ8"),
-            ]:
+        lib.bj_native_sample_handler.restype = ctypes.c_char_p
+        handlers = rules.parse_handlers(lib.bj_native_rules().decode())
+        for name in RULES:
+            targets = (update_target(name), step_target(name), stored_target(name))
+            for target, handler in zip(targets, handlers[name], strict=True):
                 capsule = jax.ffi.pycapsule(getattr(lib, handler))
                 jax.ffi.register_ffi_target(target, capsule, platform="cpu")
+        sample = lib.bj_native_sample_handler().decode()
+        capsule = jax.ffi.pycapsule(getattr(lib, sample))
+        jax.ffi.register_ffi_target(SAMPLE_TARGET, capsule, platform="cpu")
     except (OSError, AttributeError, RuntimeError, ValueError) as err:
         return f"could not load {path.name}: {err}"
     return None

@@ -70,12 +70,30 @@ class SigmaScalars(NamedTuple):
     rm: Any  # 1/(1 - b1^t)
 
 
+class VariationalScalars(
+    NamedTuple(
+        "VariationalScalars",
+        [(name, Any) for name in SigmaScalars._fields]
+        + [("gamma", Any), ("one_minus_gamma", Any), ("rp", Any)],
+    )
+):
+    """Scalars of the ``variational`` and ``variational_momentum`` rules: the σ-filter's,
+    then the curvature EMA's ``r ← γ r + (1-γ)(g - m̂_{t-1})²``: ``gamma`` (γ,
+    ``hess_decay``), ``one_minus_gamma`` and ``rp = 1/(1 - b1^(t-1))`` (debiases
+    m before this step; 0 at the first step, 1 where not corrected)."""
+
+    __slots__ = ()
+
+    @property
+    def filter(self) -> SigmaScalars:
+        return SigmaScalars(*self[: len(SigmaScalars._fields)])
+
+
 class Rule(NamedTuple):
-    """One native rule: its scalars' class, its state buffers, its C++ symbol."""
+    """One native rule: its scalars' class, its state buffers (and which are signed)."""
 
     scalars: type
     states: int
-    symbol: str  # the handlers are Bj<symbol>UpdateF32, Bj<symbol>StepF32, Bj<symbol>UpdateQ8
     signed: tuple[int, ...]  # the state buffers that may be negative
 
     @property
@@ -84,10 +102,12 @@ class Rule(NamedTuple):
 
 
 RULES = {
-    "adam": Rule(AdamScalars, 2, "Adam", (0,)),
-    "amsgrad": Rule(AmsgradScalars, 3, "Amsgrad", (0,)),
-    "sigma": Rule(SigmaScalars, 2, "Sigma", ()),
-    "sigma_momentum": Rule(SigmaScalars, 3, "SigmaMomentum", (0,)),
+    "adam": Rule(AdamScalars, 2, (0,)),
+    "amsgrad": Rule(AmsgradScalars, 3, (0,)),
+    "sigma": Rule(SigmaScalars, 2, ()),
+    "sigma_momentum": Rule(SigmaScalars, 3, (0,)),
+    "variational": Rule(VariationalScalars, 3, ()),
+    "variational_momentum": Rule(VariationalScalars, 4, (0,)),
 }
 
 
@@ -111,8 +131,17 @@ def parse_table(text: str) -> dict[str, tuple[int, int]]:
     """The library's exported table as ``{name: (states, scalars)}``."""
     out = {}
     for entry in filter(None, text.split(";")):
-        name, states, scalars = entry.split(":")
+        name, states, scalars, *_ = entry.split(":")
         out[name] = (int(states), int(scalars))
+    return out
+
+
+def parse_handlers(text: str) -> dict[str, tuple[str, ...]]:
+    """The handler symbols the library names for each rule: ``(update, step, 8-bit)``."""
+    out = {}
+    for entry in filter(None, text.split(";")):
+        name, _, _, handlers = entry.split(":")
+        out[name] = tuple(handlers.split(","))
     return out
 
 

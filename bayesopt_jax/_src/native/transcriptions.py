@@ -10,6 +10,7 @@ of the rounding bound in :func:`check_leaf`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -75,8 +76,40 @@ def sigma(sc, g, *state):
     return (u, s, sig) if m is None else (u, m, s, sig)
 
 
-RULES = {"adam": adam, "amsgrad": amsgrad, "sigma": sigma, "sigma_momentum": sigma}
+def variational(sc, g, *state, magnitude=False):
+    """The curvature EMA on ``g - m̂_{t-1}``, then the σ-filter; state ``([m,] s, σ, r)``.
+
+    ``magnitude=True`` (with non-negative inputs) adds ``m̂`` instead, so that
+    every result is the magnitude of its terms (see :func:`check_leaf`).
+    """
+    k = rules.VariationalScalars(*sc)
+    *filter_state, r = state
+    gc = _clip(g)
+    dev = gc
+    if len(filter_state) == 3:
+        m = filter_state[0]
+        m_prev = m * k.rp if k.rp != 0 else np.zeros_like(m)
+        dev = _clip(gc + m_prev if magnitude else gc - m_prev)
+    r = r * k.gamma + dev * dev * k.one_minus_gamma
+    return (*sigma(list(k.filter), g, *filter_state), r)
+
+
+RULES = {
+    "adam": adam,
+    "amsgrad": amsgrad,
+    "sigma": sigma,
+    "sigma_momentum": sigma,
+    "variational": variational,
+    "variational_momentum": variational,
+}
 assert RULES.keys() == rules.RULES.keys(), "a transcription per native rule"
+
+# Each rule on the magnitudes of its inputs gives its results' magnitudes; a
+# rule with a difference of signed terms states its magnitude form here.
+MAGNITUDES = {
+    "variational": functools.partial(variational, magnitude=True),
+    "variational_momentum": functools.partial(variational, magnitude=True),
+}
 
 
 def _f32(*values) -> np.ndarray:
@@ -101,10 +134,18 @@ def cases() -> list[tuple[str, np.ndarray]]:
     sigmas = [sig(0, 0, 0, 0), sig(1, 1, 0, 0), sig(0, 1, 1, 0), sig(0, 0, 0, 1)]
     cases = [("adam", adam_sc)] + [("amsgrad", sc) for sc in ams]
     cases += [(r, sc) for r in ("sigma", "sigma_momentum") for sc in sigmas]
+    # the variational rules: at the first step (no previous mean) and later ones
+    gamma, rp = 0.99, 1 / (1 - b1 ** (t - 1))
+    variational = [
+        np.concatenate([sigmas[1], _f32(gamma, 1 - gamma, 0.0)]),
+        np.concatenate([sigmas[0], _f32(gamma, 1 - gamma, rp)]),
+        np.concatenate([sigmas[2], _f32(0.0, 1.0, 1.0)]),
+    ]
+    cases += [(r, sc) for r in ("variational", "variational_momentum") for sc in variational]
     return cases
 
 
-STATES = {"adam": 2, "amsgrad": 3, "sigma": 2, "sigma_momentum": 3}
+STATES = {name: rule.states for name, rule in rules.RULES.items()}
 
 
 def inputs(rule: str, rng: np.random.Generator):
@@ -142,9 +183,16 @@ def _mismatch(where: str, got, want, scale) -> str | None:
     return None
 
 
+def _magnitudes(rule, sc64, g, args):
+    """The rule's results on the magnitudes of its terms (the rounding bound's scale)."""
+    signed = rules.RULES[rule].signed
+    fn = MAGNITUDES.get(rule, RULES[rule])
+    return fn(sc64, np.abs(g), *[np.abs(a) if j in signed else a for j, a in enumerate(args)])
+
+
 def check_leaf(i, rule, sc, fw, ps, gs, states, new, new_ps, stepped, decay):
     """Leaf ``i`` of both kernels' results against the transcription; what differs, or None."""
-    fn, signed = RULES[rule], rules.RULES[rule].signed
+    fn = RULES[rule]
     sc64 = [float(x) for x in sc]
     factor, wd = (float(x) for x in fw)
     args = [np.asarray(st[i], np.float64) for st in states]
@@ -152,7 +200,7 @@ def check_leaf(i, rule, sc, fw, ps, gs, states, new, new_ps, stepped, decay):
     p = np.asarray(ps[i], np.float64)
     with np.errstate(all="ignore"):
         want = fn(sc64, g, *args)
-        mags = fn(sc64, np.abs(g), *[np.abs(a) if j in signed else a for j, a in enumerate(args)])
+        mags = _magnitudes(rule, sc64, g, args)
         u = want[0] + (wd * p if decay[i] else 0.0)
         p_want = p + factor * u
         p_mag = np.abs(p) + abs(factor) * (mags[0] + (wd * np.abs(p) if decay[i] else 0.0))
@@ -202,13 +250,13 @@ def check_stored_leaf(i, rule, sc, gs, decoded, us, new, encoded) -> str | None:
     codes and scales must be equal; the updates follow the transcription as
     the float32 kernel's state does.
     """
-    fn, signed = RULES[rule], rules.RULES[rule].signed
+    fn = RULES[rule]
     sc64 = [float(x) for x in sc]
     args = [np.asarray(st[i], np.float64) for st in decoded]
     g = np.asarray(gs[i], np.float64)
     with np.errstate(all="ignore"):
         want = fn(sc64, g, *args)
-        mags = fn(sc64, np.abs(g), *[np.abs(a) if j in signed else a for j, a in enumerate(args)])
+        mags = _magnitudes(rule, sc64, g, args)
         why = _mismatch(f"{rule} 8-bit update", us[i], want[0], mags[0])
     if why is not None:
         return why

@@ -119,49 +119,92 @@ def _local_update_stored(static, scalars, values, mids, below, *leaves):
     return list(call(scalars, values, mids, below, *leaves, last=last, top_min=top_min))
 
 
-def _stored_partitionable() -> Any:
-    """:func:`_local_update_stored` made partitionable under a sharded ``jit``.
+def _partitionable(local: Any, n_replicated: int, mappings: Any, shardings: Any) -> Any:
+    """``local(static, *operands)`` made partitionable: under a sharded ``jit`` each device
+    runs it on its shards. Single-device and ``shard_map``/``pmap`` bodies call ``local``
+    directly.
 
-    Gradient, update and codes of a leaf share its sharding; the scales take
-    it along the leading axes and along the last axis too when each device's
-    share of it is whole blocks (:func:`.quantize.whole_blocks`). Otherwise
-    the leaf is gathered along its last axis, so that no block is split.
+    The first ``n_replicated`` operands (scalars, code tables) are replicated.
+    For the others, ``mappings(static, ranks)`` names each operand's and each
+    result's factors (a list of names per array; a name shared by two arrays
+    is one sharded dimension), and ``shardings(static, mesh, shapes)`` gives
+    the operands' and the results' shardings from the operands' shapes.
     """
-    fn = custom_partitioning(_local_update_stored, static_argnums=(0,))
-    n_tables = 4
+    fn = custom_partitioning(local, static_argnums=(0,))
+
+    def rule(static, mesh, operand_types, result_types):
+        del mesh, result_types
+        ranks = [len(ir.RankedTensorType(t).shape) for t in operand_types]
+        fixed = [[f"fixed{j}_d{d}" for d in range(r)] for j, r in enumerate(ranks[:n_replicated])]
+        operands, results = mappings(static, ranks[n_replicated:])
+        return SdyShardingRule(
+            operand_mappings=tuple(ArrayMapping(*names) for names in (*fixed, *operands)),
+            result_mappings=tuple(ArrayMapping(*names) for names in results),
+            need_replication_factors=tuple(n for names in fixed for n in names),
+        )
+
+    def partition(static, mesh, arg_shapes, result_shape):
+        del result_shape
+        operands, results = shardings(static, mesh, arg_shapes[n_replicated:])
+        replicated = NamedSharding(mesh, PartitionSpec())
+        return (
+            mesh,
+            functools.partial(local, static),
+            results,
+            (*[replicated] * n_replicated, *operands),
+        )
+
+    fn.def_partition(partition=partition, sharding_rule=rule)
+    return fn
+
+
+def _leaf_names(i: int, rank: int) -> list[str]:
+    return [f"l{i}_d{d}" for d in range(rank)]
+
+
+def _elementwise(groups: Any) -> tuple[Any, Any]:
+    """Mappings and shardings of a kernel elementwise over leaves: leaf i of every group in
+    and out shares one sharding, and nothing is communicated. ``groups(static)`` gives the
+    number of leaf groups in and out."""
+
+    def mappings(static, ranks):
+        in_groups, out_groups = groups(static)
+        per_leaf = [_leaf_names(i, r) for i, r in enumerate(ranks[: len(ranks) // in_groups])]
+        return per_leaf * in_groups, per_leaf * out_groups
+
+    def shardings(static, mesh, shapes):
+        del mesh
+        in_groups, out_groups = groups(static)
+        per_leaf = [x.sharding for x in shapes[: len(shapes) // in_groups]]
+        return per_leaf * in_groups, per_leaf * out_groups
+
+    return mappings, shardings
+
+
+def _stored_layout() -> tuple[Any, Any]:
+    """Mappings and shardings of the 8-bit kernel: gradient, update and codes of a leaf share
+    its sharding; the scales take it along the leading axes, and along the last axis too when
+    each device's share of it is whole blocks (:func:`.quantize.whole_blocks`). Otherwise the
+    leaf is gathered along its last axis, so that no block is split."""
 
     def slots(static):
         return RULES[static[0]].states
 
-    def rule(static, mesh, operand_types, result_types):
-        del mesh, result_types
-        ranks = [len(ir.RankedTensorType(t).shape) for t in operand_types[n_tables:]]
+    def mappings(static, ranks):
         k = len(ranks) // (1 + 2 * slots(static))
-        leaf = [ArrayMapping(*[f"l{i}_d{d}" for d in range(ranks[i])]) for i in range(k)]
-        scale = [
-            ArrayMapping(*[f"l{i}_d{d}" for d in range(ranks[i] - 1)], f"l{i}_blocks")
-            for i in range(k)
-        ]
-        table_ranks = [len(ir.RankedTensorType(t).shape) for t in operand_types[:n_tables]]
-        tables = [[f"table{j}_d{d}" for d in range(r)] for j, r in enumerate(table_ranks)]
-        return SdyShardingRule(
-            operand_mappings=(
-                *(ArrayMapping(*names) for names in tables),
-                *leaf,
-                *(leaf + scale) * slots(static),
-            ),
-            result_mappings=(*leaf, *(leaf + scale) * slots(static)),
-            need_replication_factors=tuple(n for names in tables for n in names),
-        )
+        leaf = [_leaf_names(i, ranks[i]) for i in range(k)]
+        scale = [[*_leaf_names(i, ranks[i] - 1), f"l{i}_blocks"] for i in range(k)]
+        arrays = [*leaf, *(leaf + scale) * slots(static)]
+        return arrays, arrays
 
-    def partition(static, mesh, arg_shapes, result_shape):
-        k = (len(arg_shapes) - n_tables) // (1 + 2 * slots(static))
-        shardings = []
+    def shardings(static, mesh, shapes):
+        k = len(shapes) // (1 + 2 * slots(static))
+        out = []
         for i in range(k):
-            g, scale = arg_shapes[n_tables + i], arg_shapes[n_tables + 2 * k + i]
+            g, scale = shapes[i], shapes[2 * k + i]
             sharding = g.sharding
             if not isinstance(sharding, NamedSharding):
-                shardings.append(NamedSharding(mesh, PartitionSpec()))
+                out.append(NamedSharding(mesh, PartitionSpec()))
                 continue
             spec = list(sharding.spec) + [None] * (len(g.shape) - len(sharding.spec))
             last = spec[-1]
@@ -169,62 +212,11 @@ def _stored_partitionable() -> Any:
             devices = int(np.prod([mesh.shape[a] for a in axes]))
             if not quantize.whole_blocks(g.shape[-1], scale.shape[-1], devices):
                 spec[-1] = None
-            shardings.append(NamedSharding(mesh, PartitionSpec(*spec)))
-        replicated = NamedSharding(mesh, PartitionSpec())
-        leaves = [*shardings, *shardings * (2 * slots(static))]
-        return (
-            mesh,
-            functools.partial(_local_update_stored, static),
-            leaves,
-            (*[replicated] * n_tables, *leaves),
-        )
+            out.append(NamedSharding(mesh, PartitionSpec(*spec)))
+        arrays = [*out, *out * (2 * slots(static))]
+        return arrays, arrays
 
-    fn.def_partition(partition=partition, sharding_rule=rule)
-    return fn
-
-
-def _partitionable(local: Any, n_scalars: int, groups: Any) -> Any:
-    """``local`` made partitionable: under a sharded ``jit`` each device runs it on its shards.
-
-    The kernels are elementwise over leaves, so leaf i of every group shares
-    one sharding and nothing is communicated; the ``n_scalars`` leading
-    operands are replicated. ``groups(static)`` gives the number of leaf
-    groups in and out. Single-device and ``shard_map``/``pmap`` bodies call
-    ``local`` directly.
-    """
-    fn = custom_partitioning(local, static_argnums=(0,))
-
-    def leaf_factors(i: int, rank: int) -> ArrayMapping:
-        return ArrayMapping(*[f"l{i}_d{d}" for d in range(rank)])
-
-    def rule(static, mesh, operand_types, result_types):
-        del mesh, result_types
-        in_groups, out_groups = groups(static)
-        ranks = [len(ir.RankedTensorType(t).shape) for t in operand_types[n_scalars:]]
-        k = len(ranks) // in_groups
-        per_leaf = [leaf_factors(i, ranks[i]) for i in range(k)]
-        names = [f"scalars{j}" for j in range(n_scalars)]
-        return SdyShardingRule(
-            operand_mappings=(*(ArrayMapping(n) for n in names), *(per_leaf * in_groups)),
-            result_mappings=tuple(per_leaf * out_groups),
-            need_replication_factors=tuple(names),
-        )
-
-    def partition(static, mesh, arg_shapes, result_shape):
-        in_groups, out_groups = groups(static)
-        k = (len(arg_shapes) - n_scalars) // in_groups
-        leaf_shardings = [arg_shapes[n_scalars + i].sharding for i in range(k)]
-        replicated = NamedSharding(mesh, PartitionSpec())
-        arg_shardings = (*[replicated] * n_scalars, *(leaf_shardings * in_groups))
-        return (
-            mesh,
-            functools.partial(local, static),
-            leaf_shardings * out_groups,
-            arg_shardings,
-        )
-
-    fn.def_partition(partition=partition, sharding_rule=rule)
-    return fn
+    return mappings, shardings
 
 
 def _update_groups(static):
@@ -237,11 +229,9 @@ def _step_groups(static):
     return 2 + n, 1 + n
 
 
-_update_call = _partitionable(_local_update, 1, _update_groups)
-_step_call = _partitionable(_local_step, 2, _step_groups)
-
-
-_stored_call = _stored_partitionable()
+_update_call = _partitionable(_local_update, 1, *_elementwise(_update_groups))
+_step_call = _partitionable(_local_step, 2, *_elementwise(_step_groups))
+_stored_call = _partitionable(_local_update_stored, 4, *_stored_layout())
 
 
 def _batchable(call: Any, static: Any, n_scalars: int) -> Any:

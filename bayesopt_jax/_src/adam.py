@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import optax
 
@@ -110,14 +109,9 @@ _OPTAX_FACTORIES = {"rms": optax.scale_by_rms, "stddev": optax.scale_by_stddev}
 
 @functools.cache
 def _optax_state_class(kind: str) -> type:
-    """The state class of Optax's ``scale_by_{kind}(bias_correction=True)``, from its public API.
-
-    Optax does not export the classes with a count at the top level; taking
-    them from the state its own function makes keeps ours interchangeable
-    with Optax's without importing a private module.
-    """
-    factory = _OPTAX_FACTORIES[kind](bias_correction=True)
-    return type(jax.eval_shape(factory.init, jax.ShapeDtypeStruct((1,), jnp.float32)))
+    """The state class of Optax's ``scale_by_{kind}(bias_correction=True)``
+    (see :func:`.buffers.state_class`)."""
+    return buffers.state_class(_OPTAX_FACTORIES[kind](bias_correction=True).init)
 
 
 def scale_by_adam(

@@ -137,3 +137,14 @@ def tree_map_multi(
     if not outs:
         return tuple(treedef.unflatten([]) for _ in range(num_outputs))
     return tuple(treedef.unflatten(list(col)) for col in zip(*outs, strict=True))
+
+
+def state_class(init: Callable[[Any], Any]) -> type:
+    """The class of the state ``init`` makes, read without running it (``jax.eval_shape``).
+
+    Optax does not export every state class at its top level (those with a
+    count, a scheduled decay's); reading them from what its public functions
+    return keeps our states interchangeable with Optax's without importing a
+    private module.
+    """
+    return type(jax.eval_shape(init, jax.ShapeDtypeStruct((1,), jnp.float32)))

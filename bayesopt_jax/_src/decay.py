@@ -6,7 +6,6 @@ import functools
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from bayesopt_jax._src import buffers, engine, numerics, validation
@@ -17,13 +16,9 @@ _OPTAX_ADD_DECAYED_WEIGHTS = optax.add_decayed_weights  # as imported (see adam.
 
 @functools.cache
 def _schedule_state() -> type:
-    """Optax's state class for a scheduled decay (the step count), from its public API.
-
-    So that the state of a chain matches ``optax.add_decayed_weights``'s leaf
-    for leaf, without importing a private module.
-    """
-    init = _OPTAX_ADD_DECAYED_WEIGHTS(lambda count: 0.0).init
-    return type(jax.eval_shape(init, jax.ShapeDtypeStruct((1,), jnp.float32)))
+    """Optax's state class for a scheduled decay (the step count), so that a chain's state
+    matches ``optax.add_decayed_weights``'s leaf for leaf (see :func:`.buffers.state_class`)."""
+    return buffers.state_class(_OPTAX_ADD_DECAYED_WEIGHTS(lambda count: 0.0).init)
 
 
 def add_decoupled_weight_decay(

@@ -10,6 +10,8 @@ roundings.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,7 @@ import pytest
 from helpers import mesh_4x2
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from registry import CAPABILITIES, make_eight_bit, with_native
 
 import bayesopt_jax as bj
 from bayesopt_jax._src import native, quantize
@@ -29,14 +32,12 @@ needs_native = pytest.mark.skipif(
 STORED = native.STORED_TARGETS
 
 FMT = bj.Blockwise8(64)
-# Each optimizer at 8 bits, and the same optimizer with float32 state.
+# Every optimizer of the registry with a native rule and 8-bit state: ``OPTIMIZERS[name](d)``
+# is it with every state buffer that can be stored in ``d`` (None: float32 state).
 OPTIMIZERS = {
-    "adam": lambda d: bj.adam(1e-3, mu_dtype=d, nu_dtype=d),
-    "amsgrad": lambda d: bj.amsgrad(1e-3, mu_dtype=d, nu_dtype=d),
-    "sigma_filter": lambda d: bj.sigma_filter(1e-2, mu_dtype=d, nu_dtype=d, sigma_dtype=d),
-    "sigma_filter b1=0.9": lambda d: bj.sigma_filter(
-        1e-2, b1=0.9, mu_dtype=d, nu_dtype=d, sigma_dtype=d
-    ),
+    name: functools.partial(make_eight_bit, name)
+    for name in with_native()
+    if CAPABILITIES[name].eight_bit
 }
 SHAPES = {"w": (7, 300), "b": (1000,), "c": (3, 5), "k": (2, 3, 130)}
 
@@ -174,7 +175,7 @@ def test_sharded_jit_runs_the_kernel_per_shard_and_equals_one_device(rng):
     # v: 100 columns over 2 devices: blocks of 50 would straddle; gathered.
     shapes = {"w": (8, 128), "v": (4, 100), "b": (256,)}
     specs = {"w": P("data", "model"), "v": P(None, "model"), "b": P("data")}
-    tx = OPTIMIZERS["sigma_filter b1=0.9"](FMT)
+    tx = OPTIMIZERS["sigma_filter_momentum"](FMT)
     params, grads = params_and_grads(rng, shapes)
     state = stored_state(tx, params, grads)
     one_u, one_s = jax.jit(fresh(tx.update))(grads, state, params)

@@ -23,13 +23,7 @@ needs_native = pytest.mark.skipif(
 )
 
 
-def erfinv_bound(u: np.ndarray) -> np.ndarray:
-    """Relative bound on a float32 √2·erf⁻¹(u) by Giles' polynomials (see test_draws.py):
-    4e-7 for the approximation, 8u(1 + κ(u)) for the rounding of w = −log((1−u)(1+u))
-    amplified by erf⁻¹'s condition number κ, and the final products."""
-    x = special.erfinv(u)
-    kappa = np.abs(u) * (math.sqrt(math.pi) / 2) * np.exp(x**2) / np.abs(x)
-    return 4e-7 + 8 * U32 * (1 + kappa)
+erfinv_bound = transcriptions.erfinv_bound  # the float32 bound of Giles' erf⁻¹ (test_draws.py)
 
 
 def _words(seed: int, leaves: int) -> jnp.ndarray:
@@ -268,3 +262,17 @@ def test_the_variational_bound_is_not_vacuous(rng):
     )
     diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
     assert np.any(diff > BOUND_UNITS * EPS32 * mags[4])
+
+
+@needs_native
+def test_the_self_test_checks_the_draw_kernel(monkeypatch):
+    # A reference that derives its uniforms from other words: the kernel then
+    # "disagrees" far beyond the bound, and the self-test must say so.
+    real = draws.uniform_reference
+    monkeypatch.setattr(
+        draws, "uniform_reference", lambda w, shape: real(np.asarray(w) ^ np.uint32(1), shape)
+    )
+    message = native.self_test()
+    assert message is not None and "sample kernel" in message
+    monkeypatch.undo()
+    assert native.self_test() is None

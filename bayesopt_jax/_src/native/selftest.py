@@ -96,4 +96,24 @@ def self_test() -> str | None:
                 why = transcriptions.check_stored_leaf(i, rule, sc, gs, decoded, us, got, want)
             if why is not None:
                 return why
+    return _check_sample(cpu)
+
+
+def _check_sample(cpu) -> str | None:
+    """The draw kernel against float64 √2·erf⁻¹ of the pure path's uniforms.
+
+    With p = 0, N = 1, δ = 1 and no curvature, v = 1 and the kernel returns ε
+    itself; 70 001 entries (cut into chunks) of two leaves must be within the
+    float32 bound of :func:`.transcriptions.erfinv_bound`.
+    """
+    shapes = [(70_001,), (3, 5)]
+    words = np.array([[0x12345678, 0x9ABCDEF0, 0x0F1E2D3C], [7, 11, 13]], np.uint32)
+    zeros = [np.zeros(s, np.float32) for s in shapes]
+    operands = (np.array([1.0, 0.0], np.float32), np.ones(2, np.float32), words, zeros, zeros)
+    jitted = jax.jit(lambda *a: calls.sample(*a), in_shardings=cpu, out_shardings=cpu)
+    out = jitted.lower(*operands).compile()(*operands)
+    for i, shape in enumerate(shapes):
+        why = transcriptions.check_normal(words[i], shape, np.asarray(out[i]))
+        if why is not None:
+            return why
     return None

@@ -148,6 +148,7 @@ def test_the_native_draw_is_the_same_on_every_layout():
         np.testing.assert_array_equal(np.asarray(replicas[name]), np.stack([r] * 8))
         np.testing.assert_array_equal(np.asarray(batched[name][0]), r)
         # the second example: its own weights, the same noise
+        # noise = θ̃ − θ from either example, each θ̃ rounded once (u|θ̃|): 2u·max|θ̃| apart
         noise = r - np.asarray(params[name])
         got = np.asarray(batched[name][1]) - (-np.asarray(params[name]))
         np.testing.assert_allclose(got, noise, rtol=0, atol=4 * EPS32 * np.abs(r).max())

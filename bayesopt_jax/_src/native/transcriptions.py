@@ -14,7 +14,6 @@ import functools
 import math
 
 import numpy as np
-from scipy import special  # a dependency of JAX
 
 from bayesopt_jax._src import draws
 from bayesopt_jax._src.native import rules
@@ -276,6 +275,8 @@ def erfinv_bound(u: np.ndarray) -> np.ndarray:
     """Relative bound on a float32 ``√2·erf⁻¹(u)`` by Giles' polynomials: 4e-7 for the
     approximation, and 8 float32 units of the evaluation of ``w = −log((1−u)(1+u))`` and
     the final products, amplified by erf⁻¹'s condition number κ(u) = u·(erf⁻¹)'(u)/erf⁻¹(u)."""
+    from scipy import special  # a dependency of JAX; imported when the self-test runs
+
     x = special.erfinv(u)
     kappa = np.abs(u) * (math.sqrt(math.pi) / 2) * np.exp(x**2) / np.abs(x)
     return 4e-7 + 8 * 2.0**-24 * (1 + kappa)
@@ -284,6 +285,8 @@ def erfinv_bound(u: np.ndarray) -> np.ndarray:
 def check_normal(words: np.ndarray, shape: tuple[int, ...], got: np.ndarray) -> str | None:
     """A leaf of standard normal draws against float64 ``√2·erf⁻¹(u)`` of the uniforms ``u``
     that :mod:`bayesopt_jax._src.draws` derives from ``words``; what differs, or None."""
+    from scipy import special
+
     u = draws.uniform_reference(words, shape)
     ref = math.sqrt(2) * special.erfinv(u)
     err = np.abs(np.asarray(got, np.float64) - ref)

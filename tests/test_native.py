@@ -8,6 +8,7 @@ the fused trajectory against the float64 NumPy transcription of Adam.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -21,13 +22,14 @@ import numpy as np
 import optax
 import pytest
 import reference
+import registry
 from bounds import U32, check, check_tree, track, trajectory_bound
 from helpers import assert_paths_agree, mesh_4x2
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bayesopt_jax as bj
-from bayesopt_jax._src import native
+from bayesopt_jax._src import engine, native
 from bayesopt_jax._src.native import build
 from bayesopt_jax._src.native import transcriptions as reference_rules
 
@@ -533,46 +535,53 @@ def test_the_build_script_compiles_the_library(tmp_path):
     assert out.exists() and out.stat().st_size > 0
 
 
-# The AMSGrad and σ-filter rules, native against pure, both forms. The bound
-# is counted per path against exact arithmetic, in float32 rounding units u
-# of each result's terms (the rule run in float64 on |g|, |m|, |p|). A
-# correction 1/(1-b^t) costs 2u either way (the kernel multiplies by a
-# rounded reciprocal: 2u; the pure path divides by a rounded 1-b^t: 2u).
-#   AMSGrad: m 2u, v 3u, v·r2 6u, the maximum selects one of them, sqrt
-#   halves and adds 1u (4u), + eps 5u, m·r1 5u, the division 11u; p = p +
-#   factor·u adds 2u: 13u.
+# Every native rule, native against pure, both forms. The bound is counted
+# per path against exact arithmetic, in float32 rounding units u of each
+# result's terms (the rule's transcription on the magnitudes of its terms,
+# transcriptions.magnitudes). A correction 1/(1-b^t) costs 2u either way (the
+# kernel multiplies by a rounded reciprocal: 2u; the pure path divides by a
+# rounded 1-b^t: 2u).
+#   Adam and AMSGrad: m 2u, v 3u, v·r2 6u, the maximum selects one of them,
+#   sqrt halves and adds 1u (4u), + eps 5u, m·r1 5u, the division 11u; p = p
+#   + factor·u adds 2u: 13u.
 #   σ-filter: s 3u, ŝ = s·rs + floor 7u; the filter σ/(1 + ŝσ) + η²: 11u
 #   (its condition in ŝ is ≤ 1); σ* = η²/2 + η·sqrt(η²/4 + 1/ŝ): 1/ŝ 8u,
 #   the sum 9u, sqrt 5.5u, the product and the sum 7.5u; κσ* 8.5u; the caps
 #   select; u = σ·d with d = m·rm (5u): 17u; p adds 2u: 19u.
-# Two paths differ by at most the sum: 2·13 = 26u (AMSGrad), 2·19 = 38u (σ).
-RULE_BOUND = {"amsgrad": 26, "sigma": 38, "sigma_momentum": 38}
+#   Variational: the σ-filter's, and r = fma(r, γ, (1-γ)·dev²) with dev =
+#   g - m·rp: m·rp 2u, dev 3u, dev² 7u, ·(1-γ) 8u, the fma 9u.
+# Two paths differ by at most the sum: 2·13 = 26u (Adam, AMSGrad), 2·19 = 38u.
+RULE_BOUND = {
+    "adam": 26,
+    "amsgrad": 26,
+    "sigma": 38,
+    "sigma_momentum": 38,
+    "variational": 38,
+    "variational_momentum": 38,
+}
+# The registry's optimizers with a native rule, and configurations of them
+# the registry does not reach: a cap with σ started at a value, a schedule.
 KERNEL_OPTIMIZERS = {
-    "amsgrad": lambda: bj.amsgrad(1e-3),
-    "amsgrad raw": lambda: bj.amsgrad(3e-3, b1=0.5, b2=0.9, max_of="raw"),
-    "amsgrad uncorrected": lambda: bj.amsgrad(
-        1e-3, bias_correction_mu=False, bias_correction_nu=False
-    ),
-    "sigma_filter": lambda: bj.sigma_filter(1e-3),
-    "sigma_filter b1": lambda: bj.sigma_filter(1e-3, b1=0.9),
+    **{name: functools.partial(registry.make, name) for name in registry.with_native()},
     "sigma_filter raw, capped": lambda: bj.sigma_filter(
         1e-2, beta=0.9, sigma_init=1e-3, max_ratio=None, sigma_max=5e-3
     ),
     "sigma_filter schedule": lambda: bj.sigma_filter(optax.linear_schedule(1e-2, 1e-3, 10)),
-    "sigma_fixed_point b1": lambda: bj.sigma_fixed_point(3e-3, b1=0.9),
 }
+KERNEL_INNER = (*registry.INNER_LOOP, "sigma_filter raw, capped", "sigma_filter schedule")
 
 
 def random_rule_state(tx, params, rng, count):
-    """``tx``'s state at step ``count`` with random moments (signed m, positive others)."""
+    """``tx``'s state at step ``count`` with random buffers: each slot the transformation
+    declares signed gets normal values, the others positive ones."""
     state = tx.init(params)
     rule_state = state[0]
     fields = {}
-    for name in rule_state._fields:
-        tree = getattr(rule_state, name)
-        if name == "count" or tree is None:
+    for slot in engine.description(engine.description(tx).parts[0]).slots:
+        if getattr(rule_state, slot.field) is None:
             continue
-        scale, signed = (1e-2, True) if name == "mu" else (1e-4, False)
+        name, signed = slot.field, slot.signed
+        scale = 1e-2 if signed else 1e-4
         fields[name] = {
             k: (
                 (rng.normal(size=np.shape(p)) if signed else rng.random(size=np.shape(p)) + 0.01)
@@ -585,29 +594,28 @@ def random_rule_state(tx, params, rng, count):
 
 
 def rule_magnitudes(tx, state, params, grads):
-    """Each result's terms in float64: the rule's transcription on |g|, |m|, |p|."""
-    from bayesopt_jax._src import engine
-
-    prepared = engine.description(engine.description(tx).parts[0]).prepare(state[0])
+    """Each result's terms in float64: the rule's transcription on the magnitudes of its terms."""
+    contract = engine.description(engine.description(tx).parts[0])
+    prepared = contract.prepare(state[0])
     rule, sc = prepared.kernel.rule, [float(x) for x in np.asarray(prepared.kernel.operand)]
     factor = float(np.asarray(engine.description(tx).parts[-1].update(jnp.ones(()), state[-1])[0]))
-    present = [s for s in prepared.states if s is not None]
+    present = [s for s in contract.read(state[0]) if s is not None]
     out = {}
     for k in params:
-        args = [np.abs(np.asarray(s[k], np.float64)) for s in present]
-        g = np.abs(np.asarray(grads[k], np.float64))
+        args = [np.asarray(s[k], np.float64) for s in present]
+        g = np.asarray(grads[k], np.float64)
         with np.errstate(all="ignore"):
-            mags = reference_rules.RULES[rule](sc, g, *args)
+            mags = reference_rules.magnitudes(rule, sc, g, args)
         p_mag = np.abs(np.asarray(params[k], np.float64)) + abs(factor) * mags[0]
         out[k] = (p_mag, mags[1:])
     return rule, out
 
 
 @needs_native
-@pytest.mark.parametrize("name", list(KERNEL_OPTIMIZERS))
+@pytest.mark.parametrize("name", registry.slow_except(list(KERNEL_OPTIMIZERS), KERNEL_INNER))
 @pytest.mark.parametrize("how", ["two-call", "fused"])
 @pytest.mark.parametrize("count", [0, 5])
-def test_amsgrad_and_sigma_kernels_agree_with_the_pure_path(name, how, count, rng):
+def test_every_native_rule_agrees_with_the_pure_path(name, how, count, rng):
     params, grads = tree_with_specials(rng, SHAPES)
     tx = KERNEL_OPTIMIZERS[name]()
     state = random_rule_state(tx, params, rng, count)
@@ -619,7 +627,9 @@ def test_amsgrad_and_sigma_kernels_agree_with_the_pure_path(name, how, count, rn
     got, want = both_paths(make, params, state, grads)
     rule, mags = rule_magnitudes(tx, state, params, grads)
     k_units = RULE_BOUND[rule]
-    present = [f for f in state[0]._fields if f != "count" and getattr(state[0], f) is not None]
+    contract = engine.description(engine.description(tx).parts[0])
+    slots = zip(contract.slots, contract.read(state[0]), strict=True)
+    present = [s.field for s, tree in slots if tree is not None]
     for key in params:
         p_mag, state_mags = mags[key]
         assert_paths_agree(got, want, present, key, p_mag, state_mags, k_units)

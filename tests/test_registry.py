@@ -53,3 +53,41 @@ def test_counterparts_exist(name):
     if caps.torch is not None:
         torch = pytest.importorskip("torch")
         assert callable(getattr(torch.optim, caps.torch))
+
+
+def _contract(tx):
+    """The elementwise contract of an optimizer chain's first part."""
+    from bayesopt_jax._src import engine
+
+    contract = engine.description(engine.description(tx).parts[0])
+    assert isinstance(contract, engine.Elementwise)
+    return contract
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_eight_bit_capability_is_what_the_slots_declare(name):
+    """The registry's storage arguments are the ones the transformation's state slots name."""
+    declared = {slot.dtype_arg for slot in _contract(make(name)).slots if slot.dtype_arg}
+    assert declared == set(CAPABILITIES[name].eight_bit)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in CAPABILITIES.items() if c.native))
+def test_signed_slots_are_the_native_rules(name):
+    """A slot declared signed is stored with the signed 8-bit table; the native rule's kernels
+    and bounds assume the same buffers signed. The two declarations must agree."""
+    from bayesopt_jax._src.native import rules
+
+    tx = make(name)
+    contract = _contract(tx)
+    state = tx.init(PARAMS)[0]
+    slots = zip(contract.slots, contract.read(state), strict=True)
+    present = [s for s, tree in slots if tree is not None]
+    kernel = contract.prepare(state).kernel
+    if kernel is None:
+        pytest.skip("the native kernels are not in use here")
+    assert tuple(j for j, s in enumerate(present) if s.signed) == rules.RULES[kernel.rule].signed
+    # and init allocates them so: signed 8-bit codes for exactly those slots
+    stored = make_eight_bit(name, bj.Blockwise8()).init(PARAMS)[0]
+    for slot in present:
+        codes = getattr(stored, slot.field)["w"].codes
+        assert (codes.dtype == jnp.int8) == slot.signed, slot

@@ -1,11 +1,14 @@
 """Kahan-compensated and stochastically rounded updates of low-precision parameters."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import optax
 import pytest
+import registry
 from registry import slow_except
 
 import bayesopt_jax as bj
@@ -137,16 +140,14 @@ def _mixed_problem():
     return params, loss
 
 
+# Every optimizer of the registry, each with all its state in 8-bit storage
+# where it can be, and one of Optax's own.
 OPTIMIZERS = {
-    "adam": lambda: bj.adam(1e-3),
-    "adamw": lambda: bj.adamw(1e-3, weight_decay=1e-2),
-    "amsgrad": lambda: bj.amsgrad(1e-3),
-    "rmsprop": lambda: bj.rmsprop(1e-3),
-    "adagrad": lambda: bj.adagrad(1e-2),
-    "adamax": lambda: bj.adamax(1e-3),
-    "sigma_filter": lambda: bj.sigma_filter(1e-3, b1=0.9),
-    "sigma_fixed_point": lambda: bj.sigma_fixed_point(1e-3),
-    "adam_8bit": lambda: bj.adam(1e-3, mu_dtype=bj.Blockwise8(16), nu_dtype=bj.Blockwise8(16)),
+    **{name: functools.partial(registry.make, name) for name in registry.OPTIMIZERS},
+    **{
+        f"{name}_8bit": functools.partial(registry.make_eight_bit, name, bj.Blockwise8(16))
+        for name in registry.with_eight_bit()
+    },
     "optax_lion": lambda: optax.lion(1e-4),
 }
 

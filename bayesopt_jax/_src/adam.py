@@ -30,10 +30,14 @@ def _check_adam_args(where: str, b1, b2, eps, eps_root, mu_dtype=None, nu_dtype=
     allocation.check_state_dtype("nu_dtype", nu_dtype, where)
 
 
+# The state buffers of the family (see engine.Slot): the first moment is signed.
+_MU = engine.Slot("mu", signed=True, dtype_arg="mu_dtype")
+_NU = engine.Slot("nu", dtype_arg="nu_dtype")
+_NU_MAX = engine.Slot("nu_max", dtype_arg="nu_dtype")
+
+
 def _init_moments(params, mu_dtype, nu_dtype, where="scale_by_adam"):
-    mu = allocation.state_like(params, mu_dtype, signed=True, name="mu_dtype", where=where)
-    nu = allocation.state_like(params, nu_dtype, signed=False, name="nu_dtype", where=where)
-    return mu, nu
+    return _MU.allocate(params, mu_dtype, where), _NU.allocate(params, nu_dtype, where)
 
 
 def _first_moment(g, m, b1, bc1, count, *, nesterov: bool):
@@ -199,15 +203,9 @@ def scale_by_adam(
             head = _moment_scalars(b1, b2, count, bias_correction, bias_correction)
             scalars = rules.AdamScalars(**head, eps=eps, clip=numerics.clip_limit(jnp.float32))
             kernel = engine.Kernel("adam", scalars, _adam_finish)
-        return engine.Prepared(
-            make_leaf,
-            count,
-            kernel,
-            (state.mu, state.nu),
-            lambda mu, nu: ScaleByAdamState(count=count, mu=mu, nu=nu),
-        )
+        return engine.Prepared(make_leaf, count, kernel, {"count": count})
 
-    return engine.elementwise("scale_by_adam", init_fn, prepare, lambda state: (state.mu, "mu"))
+    return engine.elementwise("scale_by_adam", (_MU, _NU), init_fn, prepare)
 
 
 _MAX_OF = ("raw", "corrected")
@@ -278,7 +276,7 @@ def scale_by_amsgrad(
 
     def init_fn(params):
         mu, nu = _init_moments(params, mu_dtype, nu_dtype, where)
-        nu_max = allocation.state_like(params, nu_dtype, signed=False, name="nu_dtype", where=where)
+        nu_max = _NU_MAX.allocate(params, nu_dtype, where)
         return ScaleByAmsgradState(count=buffers.zero_count(), mu=mu, nu=nu, nu_max=nu_max)
 
     def make_leaf(count):
@@ -312,15 +310,9 @@ def scale_by_amsgrad(
             clip = numerics.clip_limit(jnp.float32)
             scalars = rules.AmsgradScalars(**head, eps=eps, clip=clip, raw=raw)
             kernel = engine.Kernel("amsgrad", scalars, _amsgrad_finish)
-        return engine.Prepared(
-            make_leaf,
-            count,
-            kernel,
-            (state.mu, state.nu, state.nu_max),
-            lambda mu, nu, nu_max: ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max),
-        )
+        return engine.Prepared(make_leaf, count, kernel, {"count": count})
 
-    return engine.elementwise(where, init_fn, prepare, lambda state: (state.mu, "mu"))
+    return engine.elementwise(where, (_MU, _NU, _NU_MAX), init_fn, prepare)
 
 
 def scale_by_adamax(
@@ -364,8 +356,11 @@ def scale_by_adamax(
     validation.check_decay("b2", b2, where)
     validation.check_nonnegative("eps", eps, where)
 
+    # Optax's state, both buffers in the parameters' dtype (no dtype arguments)
+    slots = (engine.Slot("mu", signed=True), engine.Slot("nu"))
+
     def init_fn(params):
-        mu, nu = _init_moments(params, None, None)
+        mu, nu = (slot.allocate(params, None, where) for slot in slots)
         return ScaleByAdamState(count=buffers.zero_count(), mu=mu, nu=nu)
 
     def make_leaf(count):
@@ -385,15 +380,9 @@ def scale_by_adamax(
 
     def prepare(state):
         count = optax.safe_increment(state.count)
-        return engine.Prepared(
-            make_leaf,
-            count,
-            None,
-            (state.mu, state.nu),
-            lambda mu, nu: ScaleByAdamState(count=count, mu=mu, nu=nu),
-        )
+        return engine.Prepared(make_leaf, count, None, {"count": count})
 
-    return engine.elementwise(where, init_fn, prepare, lambda state: (state.mu, "mu"))
+    return engine.elementwise(where, slots, init_fn, prepare)
 
 
 def scale_by_rms(
@@ -464,9 +453,12 @@ def scale_by_rms(
             return _optax_state_class("rms")(count=count, nu=nu)
         return optax.ScaleByRmsState(nu=nu)
 
+    # nu, then mu (centered only); both in the parameters' dtype
+    slots = (engine.Slot("nu"), engine.Slot("mu", signed=True, optional=True))
+
     def init_fn(params):
-        mu = buffers.tree_zeros_like(params) if centered else None
-        nu = buffers.tree_full_like(params, initial_scale, real=True)
+        mu = slots[1].allocate(params, None, where) if centered else None
+        nu = slots[0].allocate(params, None, where, value=initial_scale)
         return make_state(buffers.zero_count(), mu, nu)
 
     def make_leaf(count):
@@ -492,16 +484,12 @@ def scale_by_rms(
         return leaf
 
     def prepare(state):
-        count = optax.safe_increment(state.count) if bias_correction else None
-        return engine.Prepared(
-            make_leaf,
-            count,
-            None,
-            (state.nu, state.mu if centered else None),
-            lambda nu, mu: make_state(count, mu, nu),
-        )
+        if not bias_correction:
+            return engine.Prepared(make_leaf, None, None, {})
+        count = optax.safe_increment(state.count)
+        return engine.Prepared(make_leaf, count, None, {"count": count})
 
-    return engine.elementwise(where, init_fn, prepare, lambda state: (state.nu, "nu"))
+    return engine.elementwise(where, slots, init_fn, prepare)
 
 
 def scale_by_rss(
@@ -551,9 +539,10 @@ def scale_by_rss(
     validation.check_nonnegative("initial_accumulator_value", initial_accumulator_value, where)
     validation.check_nonnegative("eps", eps, where)
 
+    slot = engine.Slot("sum_of_squares")  # in the parameters' real dtype
+
     def init_fn(params):
-        acc = buffers.tree_full_like(params, initial_accumulator_value, real=True)
-        return ScaleByRssState(sum_of_squares=acc)
+        return ScaleByRssState(slot.allocate(params, None, where, value=initial_accumulator_value))
 
     def leaf(g, a):
         c = numerics.compute_dtype(g.dtype)
@@ -574,14 +563,7 @@ def scale_by_rss(
         return numerics.store(u, g.dtype), numerics.store(a_new, a.dtype)
 
     def prepare(state):
-        return engine.Prepared(
-            lambda args: leaf,
-            None,
-            None,
-            (state.sum_of_squares,),
-            lambda acc: ScaleByRssState(sum_of_squares=acc),
-        )
+        del state
+        return engine.Prepared(lambda args: leaf, None, None, {})
 
-    return engine.elementwise(
-        where, init_fn, prepare, lambda state: (state.sum_of_squares, "sum_of_squares")
-    )
+    return engine.elementwise(where, (slot,), init_fn, prepare)

@@ -257,7 +257,7 @@ def adamax(
       section 7.1. https://arxiv.org/abs/1412.6980
     """
     return _checked(
-        "adamax", optax.chain(adam_lib.scale_by_adamax(b1, b2, eps), _lr(learning_rate, "adamax"))
+        "adamax", engine.chain(adam_lib.scale_by_adamax(b1, b2, eps), _lr(learning_rate, "adamax"))
     )
 
 
@@ -296,7 +296,7 @@ def adagrad(
     References:
       Duchi, Hazan & Singer, JMLR 12 (2011). https://jmlr.org/papers/v12/duchi11a.html
     """
-    tx = optax.chain(
+    tx = engine.chain(
         adam_lib.scale_by_rss(initial_accumulator_value, eps, eps_in_sqrt=eps_in_sqrt),
         _lr(learning_rate, "adagrad"),
     )
@@ -369,7 +369,7 @@ def rmsprop(
         parts.append(moments.trace(momentum, nesterov=nesterov))
     else:
         parts.append(optax.identity())
-    return _checked("rmsprop", optax.chain(*parts))
+    return _checked("rmsprop", engine.chain(*parts))
 
 
 def sigma_filter(

@@ -162,14 +162,15 @@ def fused_step(
         factor, scale_state = plan.scale.update(jnp.ones((), jnp.float32), scale_state)
         wd = 0.0 if plan.decay is None else plan.decay.weight_decay
         factor_and_decay = jnp.stack([jnp.asarray(factor, jnp.float32), jnp.float32(wd)])
-        states = [treedef.flatten_up_to(prepared.states[j]) for j in present]
+        slots = plan.rule.read(rule_state)
+        states = [treedef.flatten_up_to(slots[j]) for j in present]
         new_ps, new = native.step(
             prepared.kernel.rule, prepared.kernel.operand, factor_and_decay, ps, gs, states, decay
         )
-        trees: list[Any] = [None] * len(prepared.states)
+        trees: list[Any] = [None] * len(slots)
         for slot, j in enumerate(present):
             trees[j] = treedef.unflatten(new[slot])
-        return new_ps, (prepared.rebuild(*trees), *middle, scale_state)
+        return new_ps, (plan.rule.rebuild(rule_state, prepared, trees), *middle, scale_state)
 
     kernel.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
     new_ps, new_state = native.on_cpu(kernel, pure, state, ps, gs)
@@ -189,13 +190,14 @@ def _fusion_plan(tx, grads, state, params):
             "this configuration of the rule has no native kernel (hyperparameters must be "
             "Python numbers, eps_root=0, no Nesterov; AdaMax, RMSProp and AdaGrad have none)"
         )
-    present = [j for j, tree in enumerate(prepared.states) if tree is not None]
+    slots = plan.rule.read(state[0])
+    present = [j for j, tree in enumerate(slots) if tree is not None]
     ps, treedef = jax.tree.flatten(params)
     if not ps:
         return "there are no parameters"
     try:
         gs = treedef.flatten_up_to(grads)
-        cols = [treedef.flatten_up_to(prepared.states[j]) for j in present]
+        cols = [treedef.flatten_up_to(slots[j]) for j in present]
     except (ValueError, TypeError):
         return "the gradients or the state do not have the parameters' structure"
     decay = _decay_flags(plan.decay, params)

@@ -178,17 +178,21 @@ class StateDtypes(NamedTuple):
             allocation.check_state_dtype(name, dtype, where)
 
 
+# The filter's state buffers, in the order of its rule's arguments: the
+# gradient mean (signed; off without momentum), the evidence, σ.
+SLOTS = (
+    engine.Slot("mu", signed=True, dtype_arg="mu_dtype", optional=True),
+    engine.Slot("nu", dtype_arg="nu_dtype"),
+    engine.Slot("sigma", dtype_arg="sigma_dtype"),
+)
+
+
 def init_sigma_state(params, b1, sigma_init, dtypes=None, where="scale_by_sigma_filter"):
     dtypes = StateDtypes() if dtypes is None else dtypes
-
-    def buffer(dtype, name, signed=False, value=None):
-        return allocation.state_like(
-            params, dtype, signed=signed, name=name, where=where, value=value
-        )
-
-    mu = None if validation.is_static_zero(b1) else buffer(dtypes.mu, "mu_dtype", signed=True)
-    sigma = buffer(dtypes.sigma, "sigma_dtype", value=sigma_init)
-    nu = buffer(dtypes.nu, "nu_dtype")
+    mu_slot, nu_slot, sigma_slot = SLOTS
+    mu = None if validation.is_static_zero(b1) else mu_slot.allocate(params, dtypes.mu, where)
+    sigma = sigma_slot.allocate(params, dtypes.sigma, where, value=sigma_init)
+    nu = nu_slot.allocate(params, dtypes.nu, where)
     return ScaleBySigmaFilterState(count=buffers.zero_count(), mu=mu, nu=nu, sigma=sigma)
 
 
@@ -294,15 +298,9 @@ def _sigma_transformation(where, guards, eta, beta, b1, bias_correction, eps, dt
         count = optax.safe_increment(state.count)
         eta_t = eta_at(eta, state.count)
         kernel = _kernel(guards, eta_t, count, beta, b1, bias_correction, eps)
-        return engine.Prepared(
-            make_leaf,
-            (count, eta_t),
-            kernel,
-            (state.mu, state.nu, state.sigma),
-            lambda mu, nu, sigma: ScaleBySigmaFilterState(count=count, mu=mu, nu=nu, sigma=sigma),
-        )
+        return engine.Prepared(make_leaf, (count, eta_t), kernel, {"count": count})
 
-    return engine.elementwise(where, init_fn, prepare, lambda state: (state.nu, "nu"))
+    return engine.elementwise(where, SLOTS, init_fn, prepare)
 
 
 def scale_by_sigma_filter(

@@ -26,8 +26,6 @@ import jax.numpy as jnp
 import optax
 
 from bayesopt_jax._src import (
-    allocation,
-    buffers,
     draws,
     engine,
     native,
@@ -475,6 +473,14 @@ def scale_by_variational_sigma_filter(
     guards = sigma.Guards(sigma_init, sigma_max, max_ratio)
     buffered = curvature in ("reparam", "variance")  # a curvature EMA of its own
     momentum = not validation.is_static_zero(b1)
+    # The σ-filter's buffers, then the curvature EMA: a mean of squares for
+    # "variance" (stored like the evidence), a signed mean for "reparam",
+    # none for "evidence".
+    if curvature == "variance":
+        hess_slot = engine.Slot("hess", dtype_arg="nu_dtype")
+    else:
+        hess_slot = engine.Slot("hess", signed=True, optional=True)
+    slots = (*sigma.SLOTS, hess_slot)
 
     def kernel(count, eta_t, prev_count):
         """The native rule of this step, or ``None`` (``"reparam"`` draws in the rule: none)."""
@@ -514,12 +520,8 @@ def scale_by_variational_sigma_filter(
                 )
         base = sigma.init_sigma_state(params, b1, sigma_init, dtypes, where)
         hess = None
-        if curvature == "variance":  # a mean of squares: stored like the evidence
-            hess = allocation.state_like(
-                params, nu_dtype, signed=False, name="nu_dtype", where=where
-            )
-        elif curvature == "reparam":
-            hess = jax.tree.map(buffers.zeros_like, params)
+        if buffered:  # "reparam": float, whatever nu_dtype says (its slot names no dtype argument)
+            hess = hess_slot.allocate(params, nu_dtype if hess_slot.dtype_arg else None, where)
         f = jnp.result_type(float)  # float64 under jax_enable_x64, else float32
         if learned_prior:
             delta = initial_prior_precision(params, num_data)
@@ -547,7 +549,7 @@ def scale_by_variational_sigma_filter(
             # The curvature EMA first: its control variate is m_{t-1}.
             r_out = None if r is None else numerics.store(_curvature_step(g, m, r, e, v), r.dtype)
             u, m_out, s_out, sig_out = filter_step(g, m, s, sig)
-            return u, m_out, s_out, sig_out, r_out, e, v
+            return u, m_out, s_out, sig_out, r_out
 
         def _curvature_step(g, m, r, e, v):
             c = numerics.real_dtype(numerics.compute_dtype(g.dtype))
@@ -582,20 +584,15 @@ def scale_by_variational_sigma_filter(
             if bias_correction:
                 scale = scale / numerics.debias_factor(beta, count, f)
 
-        def rebuild(mu, nu, sig, hess, *_):
-            return state._replace(
-                count=count, mu=mu, nu=nu, sigma=sig, hess=hess, curvature_scale=scale
-            )
-
         return engine.Prepared(
             make_leaf,
             ((count, eta_t), state.count),
             kernel(count, eta_t, state.count),
-            (state.mu, state.nu, state.sigma, state.hess, noise, var),
-            rebuild,
+            {"count": count, "curvature_scale": scale},
+            inputs=(noise, var),
         )
 
-    tx = engine.elementwise(where, init_fn, prepare, lambda state: (state.nu, "nu"))
+    tx = engine.elementwise(where, slots, init_fn, prepare)
     if not learned_prior:
         return tx
 

@@ -184,7 +184,7 @@ def _mismatch(where: str, got, want, scale) -> str | None:
     return None
 
 
-def _magnitudes(rule, sc64, g, args):
+def magnitudes(rule, sc64, g, args):
     """The rule's results on the magnitudes of its terms (the rounding bound's scale)."""
     signed = rules.RULES[rule].signed
     fn = MAGNITUDES.get(rule, RULES[rule])
@@ -201,7 +201,7 @@ def check_leaf(i, rule, sc, fw, ps, gs, states, new, new_ps, stepped, decay):
     p = np.asarray(ps[i], np.float64)
     with np.errstate(all="ignore"):
         want = fn(sc64, g, *args)
-        mags = _magnitudes(rule, sc64, g, args)
+        mags = magnitudes(rule, sc64, g, args)
         u = want[0] + (wd * p if decay[i] else 0.0)
         p_want = p + factor * u
         p_mag = np.abs(p) + abs(factor) * (mags[0] + (wd * np.abs(p) if decay[i] else 0.0))
@@ -257,7 +257,7 @@ def check_stored_leaf(i, rule, sc, gs, decoded, us, new, encoded) -> str | None:
     g = np.asarray(gs[i], np.float64)
     with np.errstate(all="ignore"):
         want = fn(sc64, g, *args)
-        mags = _magnitudes(rule, sc64, g, args)
+        mags = magnitudes(rule, sc64, g, args)
         why = _mismatch(f"{rule} 8-bit update", us[i], want[0], mags[0])
     if why is not None:
         return why

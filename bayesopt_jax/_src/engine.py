@@ -127,8 +127,15 @@ class Elementwise(NamedTuple):
     prepare: Callable[[Any], Prepared]
 
     def read(self, state: Any) -> tuple:
-        """The slots' trees in ``state``, in order (``None`` where a buffer is off)."""
-        return tuple(getattr(state, slot.field, None) for slot in self.slots)
+        """The slots' trees in ``state``, in order (``None`` where a buffer is off).
+
+        An optional slot may be absent from the state class (RMSProp's ``mu``
+        when not centred); a required one must be there.
+        """
+        return tuple(
+            getattr(state, slot.field, None) if slot.optional else getattr(state, slot.field)
+            for slot in self.slots
+        )
 
     def rebuild(self, state: Any, prepared: Prepared, new_slots: Sequence[Any]) -> Any:
         """``state`` after the step: the new slots and ``prepared.fields`` replaced."""

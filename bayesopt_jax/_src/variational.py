@@ -478,8 +478,10 @@ def scale_by_variational_sigma_filter(
     # none for "evidence".
     if curvature == "variance":
         hess_slot = engine.Slot("hess", dtype_arg="nu_dtype")
+    elif curvature == "reparam":
+        hess_slot = engine.Slot("hess", signed=True)
     else:
-        hess_slot = engine.Slot("hess", signed=True, optional=True)
+        hess_slot = engine.Slot("hess", optional=True)
     slots = (*sigma.SLOTS, hess_slot)
 
     def kernel(count, eta_t, prev_count):

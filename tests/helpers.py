@@ -19,6 +19,15 @@ def run_updates(tx, grads, params=None):
     return out, state
 
 
+def contract(tx):
+    """The elementwise contract (``engine.Elementwise``) of an optimizer chain's first part."""
+    from bayesopt_jax._src import engine
+
+    found = engine.description(engine.description(tx).parts[0])
+    assert isinstance(found, engine.Elementwise), found
+    return found
+
+
 def mesh_4x2():
     """A ("data", "model") mesh over the 8 simulated devices."""
     return jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))

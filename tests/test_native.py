@@ -25,6 +25,7 @@ import reference
 import registry
 from bounds import U32, check, check_tree, track, trajectory_bound
 from helpers import assert_paths_agree, mesh_4x2
+from helpers import contract as contract_of
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -577,7 +578,7 @@ def random_rule_state(tx, params, rng, count):
     state = tx.init(params)
     rule_state = state[0]
     fields = {}
-    for slot in engine.description(engine.description(tx).parts[0]).slots:
+    for slot in contract_of(tx).slots:
         if getattr(rule_state, slot.field) is None:
             continue
         name, signed = slot.field, slot.signed
@@ -595,7 +596,7 @@ def random_rule_state(tx, params, rng, count):
 
 def rule_magnitudes(tx, state, params, grads):
     """Each result's terms in float64: the rule's transcription on the magnitudes of its terms."""
-    contract = engine.description(engine.description(tx).parts[0])
+    contract = contract_of(tx)
     prepared = contract.prepare(state[0])
     rule, sc = prepared.kernel.rule, [float(x) for x in np.asarray(prepared.kernel.operand)]
     factor = float(np.asarray(engine.description(tx).parts[-1].update(jnp.ones(()), state[-1])[0]))
@@ -627,7 +628,7 @@ def test_every_native_rule_agrees_with_the_pure_path(name, how, count, rng):
     got, want = both_paths(make, params, state, grads)
     rule, mags = rule_magnitudes(tx, state, params, grads)
     k_units = RULE_BOUND[rule]
-    contract = engine.description(engine.description(tx).parts[0])
+    contract = contract_of(tx)
     slots = zip(contract.slots, contract.read(state[0]), strict=True)
     present = [s.field for s, tree in slots if tree is not None]
     for key in params:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from helpers import contract as contract_of
 from registry import CAPABILITIES, OPTIMIZERS, make, make_eight_bit
 
 import bayesopt_jax as bj
@@ -55,19 +56,10 @@ def test_counterparts_exist(name):
         assert callable(getattr(torch.optim, caps.torch))
 
 
-def _contract(tx):
-    """The elementwise contract of an optimizer chain's first part."""
-    from bayesopt_jax._src import engine
-
-    contract = engine.description(engine.description(tx).parts[0])
-    assert isinstance(contract, engine.Elementwise)
-    return contract
-
-
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_eight_bit_capability_is_what_the_slots_declare(name):
     """The registry's storage arguments are the ones the transformation's state slots name."""
-    declared = {slot.dtype_arg for slot in _contract(make(name)).slots if slot.dtype_arg}
+    declared = {slot.dtype_arg for slot in contract_of(make(name)).slots if slot.dtype_arg}
     assert declared == set(CAPABILITIES[name].eight_bit)
 
 
@@ -78,7 +70,7 @@ def test_signed_slots_are_the_native_rules(name):
     from bayesopt_jax._src.native import rules
 
     tx = make(name)
-    contract = _contract(tx)
+    contract = contract_of(tx)
     state = tx.init(PARAMS)[0]
     slots = zip(contract.slots, contract.read(state), strict=True)
     present = [s for s, tree in slots if tree is not None]

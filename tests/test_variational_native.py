@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_paths_agree
+from helpers import assert_paths_agree, contract
 from scipy import special
 
 import bayesopt_jax as bj
-from bayesopt_jax._src import draws, engine, native, posterior, variational
+from bayesopt_jax._src import draws, native, posterior, variational
 from bayesopt_jax._src.native import transcriptions
 
 U32 = 2.0**-24  # float32 unit roundoff
@@ -224,7 +224,7 @@ def test_the_variational_rule_agrees_with_the_pure_path(b1, count, how, rng):
     got = jax.jit(step)(grads, state, params)
     with native.pure_jax():
         want = jax.jit(lambda g, s, p: step(g, s, p))(grads, state, params)
-    prepared = engine.description(engine.description(tx).parts[0]).prepare(state[0])
+    prepared = contract(tx).prepare(state[0])
     sc = [float(x) for x in np.asarray(prepared.kernel.operand)]
     fields = [f for f in ("mu", "nu", "sigma", "hess") if getattr(state[0], f) is not None]
     for key in params:
@@ -252,7 +252,7 @@ def test_the_variational_bound_is_not_vacuous(rng):
     state = _random_state(good, params, rng, 5)
     a = jax.jit(good.update)(grads, state, params)[1][0].hess["w"]
     b = jax.jit(bad.update)(grads, state, params)[1][0].hess["w"]
-    prepared = engine.description(engine.description(good).parts[0]).prepare(state[0])
+    prepared = contract(good).prepare(state[0])
     sc = [float(x) for x in np.asarray(prepared.kernel.operand)]
     args = [
         np.abs(np.asarray(getattr(state[0], f)["w"], np.float64))

@@ -37,7 +37,7 @@ def _plan(tx: Any) -> _Plan | str:
     if not isinstance(chain, engine.Chain):
         return (
             "the transformation is not a chain built by bayesopt_jax (bj.adam, bj.adamw, "
-            "bj.amsgrad, bj.sigma_filter, bj.sigma_fixed_point)"
+            "bj.amsgrad, bj.sigma_filter, bj.sigma_fixed_point, bj.variational_sigma_filter)"
         )
     if len(chain.parts) not in (2, 3):
         return f"the chain has {len(chain.parts)} parts; a fused step takes rule, [decay,] scale"
@@ -92,8 +92,9 @@ def fused_step(
         \theta_t = \theta_{t-1} + u_t
 
     For :func:`~bayesopt_jax.adam`, :func:`~bayesopt_jax.adamw`,
-    :func:`~bayesopt_jax.amsgrad`, :func:`~bayesopt_jax.sigma_filter` and
-    :func:`~bayesopt_jax.sigma_fixed_point` with Python-number
+    :func:`~bayesopt_jax.amsgrad`, :func:`~bayesopt_jax.sigma_filter`,
+    :func:`~bayesopt_jax.sigma_fixed_point` and
+    :func:`~bayesopt_jax.variational_sigma_filter` (with a fixed prior) with Python-number
     hyperparameters (η, the learning rate and schedules may be anything),
     ``eps_root=0``, no Nesterov, float32 parameters and state, a static
     ``mask``, and the native kernels built (see

@@ -20,6 +20,7 @@ from bayesopt_jax._src.alias import (
     rmsprop,
     sigma_filter,
     sigma_fixed_point,
+    variational_newton,
     variational_sigma_filter,
 )
 from bayesopt_jax._src.checkpoint import load_npz, save_npz
@@ -59,6 +60,7 @@ from bayesopt_jax._src.sigma import (
     sigma_star_full,
 )
 from bayesopt_jax._src.variational import (
+    ScaleByVariationalNewtonState,
     ScaleByVariationalSigmaFilterState,
     scale_by_variational_sigma_filter,
 )
@@ -78,6 +80,7 @@ __all__ = [
     "ScaleByRssState",
     "ScaleBySigmaFilterFullState",
     "ScaleBySigmaFilterState",
+    "ScaleByVariationalNewtonState",
     "ScaleByVariationalSigmaFilterState",
     "StochasticRoundingState",
     "adagrad",
@@ -121,5 +124,6 @@ __all__ = [
     "stochastic_rounding",
     "training_sample",
     "unpack",
+    "variational_newton",
     "variational_sigma_filter",
 ]

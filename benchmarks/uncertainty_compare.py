@@ -170,11 +170,33 @@ def load_mnist_split(seed: int, ood: bool = True) -> dict:
     return out
 
 
+def load_mnist_mlp_split(seed: int, ood: bool = True) -> dict:
+    """The ``mnist`` split and OOD sets, flattened, for an MLP 784-128-128-10 (20 epochs)."""
+    out = load_mnist_split(seed, ood)
+    flat = lambda a: a.reshape(len(a), 784)  # noqa: E731
+    for part in ("train", "val", "test"):
+        out[part] = (flat(out[part][0]), out[part][1])
+    out["ood"] = {k: flat(v) for k, v in out["ood"].items()}
+    out["model"] = ("mlp", (784, 128, 128, 10))
+    out["epochs"] = 20
+    return out
+
+
 def load_cancer_split(seed: int, ood: bool = True) -> dict:
     """Breast-cancer table: standardised on the training rows; 25% test, 20% of the rest validation."""
     from sklearn.datasets import load_breast_cancer
 
-    data = load_breast_cancer()
+    return _table_split(load_breast_cancer(), seed, (30, 64, 64, 2), 100)
+
+
+def load_wine_split(seed: int, ood: bool = True) -> dict:
+    """Wine table (13 features, 3 classes, 178 rows), as the cancer table; MLP 13-64-64-3."""
+    from sklearn.datasets import load_wine
+
+    return _table_split(load_wine(), seed, (13, 64, 64, 3), 200)
+
+
+def _table_split(data, seed: int, sizes: tuple, epochs: int) -> dict:
     x, y = data.data.astype(np.float64), data.target.astype(np.int32)
     perm = np.random.default_rng(seed).permutation(len(x))
     n_test = int(len(x) * 0.25)
@@ -189,15 +211,21 @@ def load_cancer_split(seed: int, ood: bool = True) -> dict:
         "val": (z[val], y[val]),
         "test": (z[test], y[test]),
         "ood": {
-            "noise": rng.standard_normal((500, 30)).astype(np.float32),
+            "noise": rng.standard_normal((500, x.shape[1])).astype(np.float32),
             "scaled": 3.0 * z[test],
         },
-        "model": ("mlp", (30, 64, 64, 2)),
-        "epochs": 100,
+        "model": ("mlp", sizes),
+        "epochs": epochs,
     }
 
 
-LOADERS = {"digits": load_digits_split, "mnist": load_mnist_split, "cancer": load_cancer_split}
+LOADERS = {
+    "digits": load_digits_split,
+    "mnist": load_mnist_split,
+    "cancer": load_cancer_split,
+    "wine": load_wine_split,
+    "mnist-mlp": load_mnist_mlp_split,
+}
 
 # --------------------------------------------------------------------------
 # models (JAX)
@@ -347,6 +375,41 @@ def batches(n: int, batch_size: int, epochs: int, seed: int):
 
 IVON_HYPERS = {"lr": 0.2, "h0": 0.5, "wd": 1e-4, "beta2": 0.999}
 
+# ``newton-ivon``: the variational filter's Newton mode configured as IVON's
+# published algorithm at IVON_HYPERS (α = lr·(h₀ + δ), ivon-opt's rescaling).
+NEWTON_IVON = "newton[reparam,a={:g},d={:g},wd={:g},h0={:g},g={:g},pe=none]".format(
+    IVON_HYPERS["lr"] * (IVON_HYPERS["h0"] + IVON_HYPERS["wd"]),
+    IVON_HYPERS["wd"],
+    IVON_HYPERS["wd"],
+    IVON_HYPERS["h0"],
+    IVON_HYPERS["beta2"],
+)
+
+
+def newton_settings(method: str) -> dict:
+    """Arguments of ``variational_sigma_filter(mean_step="newton")`` from a method name.
+
+    ``newton`` alone: the mode's defaults; ``newton-ivon``: IVON's configuration;
+    ``newton[curvature,a=α,d=δ,h0=h₀,g=γ,b1=β₁]`` any of them.
+    """
+    if method == "newton-ivon":
+        method = NEWTON_IVON
+    out: dict = {}
+    if "[" not in method:
+        return out
+    names = {
+        "a": "learning_rate", "d": "prior_precision", "wd": "weight_decay", "h0": "hess_init",
+        "g": "hess_decay", "b1": "b1", "pe": "proximal_eta", "nx": "nx",
+    }  # fmt: skip
+    for part in method[method.index("[") + 1 : -1].split(","):
+        if "=" in part:
+            k, v = part.split("=")
+            # d=eb: the prior learned by empirical Bayes; wd=d: all of it centred at zero
+            out[names[k]] = None if v in ("eb", "d", "none") else float(v)
+        else:
+            out["curvature"] = part
+    return out
+
 
 def _load_ivon_optax(path: str):
     import importlib.util
@@ -380,9 +443,17 @@ def run_jax(method: str, data: dict, seed: int, args):
         tx = optax.adam(1e-3)
     elif method == "adamw":
         tx = optax.adamw(1e-3)
+    elif method.startswith("sgd"):  # sgd[lr]: heavy-ball momentum 0.9, no draws
+        tx = optax.sgd(float(method[4:-1]), momentum=0.9)
     elif method in ("vsf", "vsf-eb"):
         prior = {} if method == "vsf" else {"prior_precision": None}
         tx = bj.variational_sigma_filter(num_data=n, batch_size=args.batch_size, key=seed, **prior)
+    elif method.startswith("newton"):
+        settings = newton_settings(method)
+        scale = settings.pop("nx", 1.0)  # a tempered posterior: num_data = nx·N
+        tx = bj.variational_newton(
+            num_data=n * scale, batch_size=args.batch_size, key=seed, **settings
+        )
     elif method == "ivon-optax":
         ivon_port = _load_ivon_optax(args.ivon_optax)
         h = IVON_HYPERS
@@ -395,7 +466,7 @@ def run_jax(method: str, data: dict, seed: int, args):
 
     @jax.jit
     def step(params, state, x, y, key):
-        if method.startswith("vsf"):
+        if method.startswith(("vsf", "newton")):
             where = bj.training_sample(params, state)
         elif ivon_port is not None:
             where, state = ivon_port.sample_parameters(key, params, state)
@@ -415,7 +486,7 @@ def run_jax(method: str, data: dict, seed: int, args):
     sets = {"val": data["val"][0], "test": data["test"][0], **data["ood"]}
     draws = None
     dkey = jax.random.key(10_000 + seed)
-    if method.startswith("vsf"):
+    if method.startswith(("vsf", "newton")):
         draws = bj.sample_posterior(dkey, params, state, args.samples)
     elif ivon_port is not None:
         keys = jax.random.split(dkey, args.samples)
@@ -423,9 +494,17 @@ def run_jax(method: str, data: dict, seed: int, args):
         draws = jax.tree.map(lambda *xs: jnp.stack(xs), *one)
     preds = _predict(params, sets, draws, args.samples)
     extra = {}
+    if draws is not None:
+        extra["width"] = width_per_layer(draws)
     if method == "vsf" and args.curvature:
         extra["curvature"] = curvature_columns(params, state, xtr, args, seed)
     return preds, seconds, extra
+
+
+def width_per_layer(draws) -> dict:
+    """Median over each array of the posterior standard deviation, from the model-average draws."""
+    flat = jax.tree_util.tree_flatten_with_path(draws)[0]
+    return {jax.tree_util.keystr(path): float(np.median(np.asarray(d).std(0))) for path, d in flat}
 
 
 def curvature_columns(params, state, xtr, args, seed) -> dict:
@@ -472,8 +551,8 @@ def torch_model(model: tuple):
     )
 
 
-def run_ivon(data: dict, seed: int, args):
-    import ivon
+def _torch_setup(data: dict, seed: int):
+    """Seeded torch: the array converter (NHWC → NCHW), training tensors and a fresh model."""
     import torch
 
     torch.manual_seed(seed)
@@ -483,7 +562,14 @@ def run_ivon(data: dict, seed: int, args):
         return x.permute(0, 3, 1, 2) if x.ndim == 4 else x
 
     xtr, ytr = tt(data["train"][0]), torch.from_numpy(data["train"][1]).long()
-    model = torch_model(data["model"])
+    return tt, xtr, ytr, torch_model(data["model"])
+
+
+def run_ivon(data: dict, seed: int, args):
+    import ivon
+    import torch
+
+    tt, xtr, ytr, model = _torch_setup(data, seed)
     h = IVON_HYPERS
     opt = ivon.IVON(
         model.parameters(),
@@ -502,6 +588,12 @@ def run_ivon(data: dict, seed: int, args):
             lossf(model(xtr[idx]), ytr[idx]).backward()
         opt.step()
     seconds = time.perf_counter() - t0
+    group = opt.param_groups[0]
+    std = (1 / (group["ess"] * (group["hess"] + group["weight_decay"])).sqrt()).numpy()
+    width, offset = {}, 0
+    for name, prm in model.named_parameters():
+        width[name] = float(np.median(std[offset : offset + prm.numel()]))
+        offset += prm.numel()
 
     sets = {"val": data["val"][0], "test": data["test"][0], **data["ood"]}
     sets = {k: tt(x) for k, x in sets.items()}
@@ -518,7 +610,48 @@ def run_ivon(data: dict, seed: int, args):
         for k in sets:
             lp = torch.stack(acc[k])
             preds["avg"][k] = (torch.logsumexp(lp, 0) - np.log(args.samples)).numpy()
-    return preds, seconds, {}
+    return preds, seconds, {"width": width}
+
+
+def run_laplace(data: dict, seed: int, args):
+    """``laplace``: PyTorch Adam (1e-3) on the same batches, then last-layer Laplace (laplace-torch).
+
+    Kronecker-factored last-layer posterior, prior precision by marginal
+    likelihood, GLM predictive with the probit approximation. Post hoc, so the
+    training is Adam's; its "mean" row is that Adam network, its "average"
+    row the Laplace predictive.
+    """
+    import torch
+    from laplace import Laplace
+
+    tt, xtr, ytr, model = _torch_setup(data, seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    lossf = torch.nn.CrossEntropyLoss()
+    t0 = time.perf_counter()
+    for idx in batches(len(xtr), args.batch_size, data["epochs"], seed):
+        idx = torch.from_numpy(idx)
+        opt.zero_grad()
+        lossf(model(xtr[idx]), ytr[idx]).backward()
+        opt.step()
+    model.eval()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(xtr, ytr), batch_size=args.batch_size
+    )
+    la = Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure="kron")
+    la.fit(loader, progress_bar=False)
+    la.optimize_prior_precision(pred_type="glm", method="marglik", link_approx="probit")
+    seconds = time.perf_counter() - t0
+
+    sets = {"val": data["val"][0], "test": data["test"][0], **data["ood"]}
+    sets = {k: tt(x) for k, x in sets.items()}
+    preds = {"mean": {}, "avg": {}}
+    with torch.no_grad():
+        for k, x in sets.items():
+            preds["mean"][k] = torch.log_softmax(model(x), 1).double().numpy()
+            probs = la(x, pred_type="glm", link_approx="probit").double()
+            preds["avg"][k] = torch.log(probs.clamp_min(1e-300)).numpy()
+        last = la.sample(n_samples=256).double().std(0).numpy()  # the last layer's weights
+    return preds, seconds, {"width": {"last layer": float(np.median(last))}}
 
 
 # --------------------------------------------------------------------------
@@ -630,12 +763,14 @@ def run_lm(method: str, seed: int, args):
 # driver
 # --------------------------------------------------------------------------
 
-POSTERIOR = ("vsf", "vsf-eb", "ivon", "ivon-optax")
+POSTERIOR = ("vsf", "vsf-eb", "ivon", "ivon-optax", "newton", "laplace")
 
 
 def run(method, data, seed, args):
     if method == "ivon":
         return run_ivon(data, seed, args)
+    if method == "laplace":
+        return run_laplace(data, seed, args)
     return run_jax(method, data, seed, args)
 
 
@@ -770,6 +905,7 @@ def main(argv=None):
         rows: dict = {}
         seconds: dict = {m: [] for m in methods}
         curv_seeds: list[dict] = []
+        widths: dict = {}
         ood_names: list[str] = []
         for seed in range(args.seeds):
             data = load(seed)
@@ -779,6 +915,8 @@ def main(argv=None):
                 seconds[m].append(sec)
                 if "curvature" in extra:
                     curv_seeds.append(extra["curvature"])
+                if "width" in extra:
+                    widths.setdefault(m, []).append(extra["width"])
                 for pred, key in (("mean", "mean"), ("average", "avg")):
                     if key in preds:
                         ood = {k: preds[key][k] for k in ood_names}
@@ -811,6 +949,7 @@ def main(argv=None):
             "curvature": {"per_seed": curv_seeds, "summary": curv},
             "targets": {k: {"value": v, "met": ok} for k, (v, ok) in goals.items()},
             "train_seconds": {m: float(np.mean(s)) for m, s in seconds.items()},
+            "width": widths,
             "table": table,
         }
         _save(report, args.out)  # after every task: a long run keeps what it has

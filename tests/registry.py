@@ -52,6 +52,12 @@ OPTIMIZERS = {
         functools.partial(bj.variational_sigma_filter, num_data=1000, batch_size=10, key=0),
         dict(eta=1e-2, beta=0.999),
     ),
+    "variational_newton": (
+        functools.partial(
+            bj.variational_newton, num_data=1000, batch_size=10, key=0, proximal_eta=1e-2
+        ),
+        dict(learning_rate=0.5, beta=0.999),
+    ),
     "sigma_fixed_point": (
         functools.partial(bj.sigma_fixed_point, b1=0.9),
         dict(eta=1e-2, beta=0.999, eps=1e-16),
@@ -88,6 +94,7 @@ CAPABILITIES = {
     "sigma_filter": Capabilities(True, SIGMA_STATE, None, None),
     "sigma_filter_momentum": Capabilities(True, SIGMA_STATE, None, None),
     "variational_sigma_filter": Capabilities(True, SIGMA_STATE, None, None),
+    "variational_newton": Capabilities(False, SIGMA_STATE, None, None),
     "sigma_fixed_point": Capabilities(True, SIGMA_STATE, None, None),
 }
 assert CAPABILITIES.keys() == OPTIMIZERS.keys(), "every optimizer states its capabilities"

@@ -104,6 +104,10 @@ def _streams(dtype):
 
 def _bound(name, kwargs, gmax, dtype):
     """A step bound each algorithm guarantees, given the largest |g| seen so far."""
+    if name == "variational_newton":
+        # |u| = α|m̂ + δ₀θ̄|/(h + δ + 1/σ) ≤ α σ|m̂| at θ̄ = 0 (h ≥ 0): the σ-filter's step, times α
+        eta = OPTIMIZERS[name][0].keywords["proximal_eta"]
+        return kwargs["learning_rate"] * 2.0 * (eta**2 * gmax + 40 * eta)
     if "sigma" in name:
         kappa = kwargs.get("max_ratio", 1.0 if name == "sigma_fixed_point" else 2.0)
         eta = kwargs["eta"]
@@ -274,6 +278,7 @@ def test_mismatched_trees_and_shapes_name_the_optimizer_leaf_and_shapes(name):
         if "sigma" not in name
         else ("sigma_fixed_point" if "fixed" in name else name.removesuffix("_momentum"))
     )
+    where = name if name == "variational_newton" else where
     params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
     state = tx.init(params)
     good = jax.tree.map(jnp.ones_like, params)

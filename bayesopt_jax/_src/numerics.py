@@ -143,3 +143,9 @@ def ema(new: Array, old: Array, decay: Any) -> Array:
     # ``1 - decay`` is formed before the cast, so a Python decay of 0.9 gives
     # the same float32 weight 0.1 as Optax and PyTorch do.
     return jnp.asarray(decay, dt) * old + jnp.asarray(1 - decay, dt) * new
+
+
+def clip_finite(x: Array) -> Array:
+    """``x`` with ±∞ (and overflowing values) clipped to a quarter of the dtype's largest value."""
+    big = jnp.asarray(float(jnp.finfo(x.dtype).max) / 4, x.dtype)
+    return jnp.clip(x, -big, big)

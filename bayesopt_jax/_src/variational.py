@@ -26,9 +26,11 @@ import jax.numpy as jnp
 import optax
 
 from bayesopt_jax._src import (
+    buffers,
     draws,
     engine,
     native,
+    newton,
     numerics,
     quantize,
     sigma,
@@ -38,9 +40,17 @@ from bayesopt_jax._src.native import rules
 from bayesopt_jax._src.types import Array, PyTree, ScalarOrSchedule
 
 CURVATURES = ("variance", "reparam", "evidence")
+MEAN_STEPS = ("filter", "newton")
+NEWTON_CURVATURES = ("variance", "reparam")
 DEFAULT_ETA = 3e-3
 DEFAULT_HESS_DECAY = 0.99
 DEFAULT_PRIOR_PRECISION = 2.0
+DEFAULT_HESS_INIT = 0.5
+# variational_newton's defaults (the σ-filter documentation says how they were chosen)
+NEWTON_LEARNING_RATE = 1.0
+NEWTON_PRIOR_PRECISION = 0.01
+NEWTON_WEIGHT_DECAY = 1e-3
+NEWTON_PROXIMAL_ETA = 3e-3
 
 
 class ScaleByVariationalSigmaFilterState(NamedTuple):
@@ -81,6 +91,18 @@ class ScaleByVariationalSigmaFilterState(NamedTuple):
     not_per_parameter = ("prior_precision",)
 
 
+class ScaleByVariationalNewtonState(ScaleByVariationalSigmaFilterState):
+    """State of ``mean_step="newton"``: the same fields, read differently.
+
+    ``hess`` is the per-example data curvature h itself (``curvature_scale``
+    is 1). Where the step has a proximal part (``proximal_eta``), ``nu`` and
+    ``sigma`` are the σ-filter's evidence and σ, and 1/σ is added to the
+    per-example precision: v = 1/(N(h + 1/σ + δ)). Otherwise both are ``None``.
+    """
+
+    __slots__ = ()
+
+
 def _is_masked(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
 
@@ -103,6 +125,11 @@ def decoded_state(
 
 def _curvature_buffer(state: ScaleByVariationalSigmaFilterState) -> PyTree:
     return state.hess if state.hess is not None else state.nu
+
+
+def _shape_buffer(state: ScaleByVariationalSigmaFilterState) -> PyTree:
+    """The buffer whose leaves set the noise's shapes and dtypes: the evidence where there is one."""
+    return state.nu if state.nu is not None else state.hess
 
 
 def _leaf_curvature(buf: Array, state: ScaleByVariationalSigmaFilterState) -> Array:
@@ -131,6 +158,35 @@ def curvature_tree(state: ScaleByVariationalSigmaFilterState) -> PyTree:
     )
 
 
+def _has_proximal(state: ScaleByVariationalSigmaFilterState) -> bool:
+    return isinstance(state, ScaleByVariationalNewtonState) and state.sigma is not None
+
+
+def _precision_leaf(h: Array, sig: Array) -> Array:
+    """h + 1/σ, in h's compute dtype."""
+    return h + 1 / sig.astype(h.dtype)
+
+
+def precision_tree(state: ScaleByVariationalSigmaFilterState) -> PyTree:
+    """The per-example precision less the prior's δ: h, plus 1/σ where the step is proximal."""
+    h = curvature_tree(state)
+    if not _has_proximal(state):
+        return h
+    return jax.tree.map(
+        lambda a, b: a if _is_masked(a) else _precision_leaf(a, b),
+        h,
+        quantize.decoded(state.sigma),
+        is_leaf=_is_masked,
+    )
+
+
+def _sampling_buffer(state: ScaleByVariationalSigmaFilterState) -> PyTree:
+    """The buffer the draw reads (scaled by ``curvature_scale``, plus δ): decoded."""
+    if not _has_proximal(state):
+        return _curvature_buffer(state)
+    return precision_tree(state)  # curvature_scale is 1 here
+
+
 def _as_tree(vector: Array, like: PyTree) -> PyTree:
     """One entry of ``vector`` per array leaf of ``like`` (masked nodes kept)."""
     leaves, treedef = jax.tree.flatten(like)
@@ -144,14 +200,14 @@ def _as_vector(tree: PyTree, dtype: Any) -> Array:
 
 def prior_precision_tree(state: ScaleByVariationalSigmaFilterState) -> PyTree:
     """δ per leaf as a tree of scalars like the parameters (``MaskedNode`` where masked out)."""
-    return _as_tree(state.prior_precision, decoded_state(state).nu)
+    return _as_tree(state.prior_precision, _shape_buffer(decoded_state(state)))
 
 
 def variance_tree(state: ScaleByVariationalSigmaFilterState) -> PyTree:
     """The sampled variance v for every leaf (``MaskedNode`` where masked out)."""
     return jax.tree.map(
         lambda h, d: h if _is_masked(h) else _leaf_variance(h, d, state.num_data),
-        curvature_tree(state),
+        precision_tree(state),
         prior_precision_tree(state),
         is_leaf=_is_masked,
     )
@@ -165,7 +221,7 @@ def noise_tree(state: ScaleByVariationalSigmaFilterState) -> PyTree:
     draw per step gives every leaf its key words; each entry's value is a
     keyed hash of its index (:mod:`bayesopt_jax._src.draws`).
     """
-    leaves, treedef = jax.tree.flatten(decoded_state(state).nu)
+    leaves, treedef = jax.tree.flatten(_shape_buffer(decoded_state(state)))
     words = draws.step_words(state.key, state.count, len(leaves))
     out = [
         draws.normal(words[i], x.shape, numerics.real_dtype(numerics.compute_dtype(x.dtype)))
@@ -191,9 +247,9 @@ def perturb(params: PyTree, state: ScaleByVariationalSigmaFilterState) -> PyTree
     :mod:`bayesopt_jax._src.draws`). Other leaves take the pure statement.
     """
     state = decoded_state(state)
-    bufs, treedef = jax.tree.flatten(_curvature_buffer(state), is_leaf=_is_masked)
+    bufs, treedef = jax.tree.flatten(_sampling_buffer(state), is_leaf=_is_masked)
     ps = treedef.flatten_up_to(params)
-    nus = treedef.flatten_up_to(state.nu)
+    nus = treedef.flatten_up_to(_shape_buffer(state))
     live = [i for i, b in enumerate(bufs) if not _is_masked(b)]  # one δ and words each
     words = draws.step_words(state.key, state.count, len(live))
     out = list(ps)
@@ -329,6 +385,10 @@ def scale_by_variational_sigma_filter(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     sigma_dtype: Any = None,
+    mean_step: str = "filter",
+    hess_init: float = DEFAULT_HESS_INIT,
+    weight_decay: float | None = None,
+    proximal_eta: ScalarOrSchedule | None = None,
 ) -> optax.GradientTransformation:
     r"""The σ-filter trained at draws from its data-set posterior (variational mode).
 
@@ -450,15 +510,23 @@ def scale_by_variational_sigma_filter(
       and non-adaptive neural network optimization methods*, NeurIPS 2020.
     """
     where = "scale_by_variational_sigma_filter"
-    sigma.check_sigma_args(
-        where, eta, beta, b1, eps, sigma_init, sigma_max, max_ratio, filter_start=True
-    )
+    validation.check_choice("mean_step", mean_step, MEAN_STEPS, where)
     validation.check_range("num_data", num_data, low=0.0, low_inclusive=False, where=where)
     learned_prior = prior_precision is None
     if not learned_prior:
         validation.check_range(
             "prior_precision", prior_precision, low=0.0, low_inclusive=False, where=where
         )
+    if mean_step == "newton":
+        tx = _newton(
+            where, eta, num_data, batch_size, key, prior_precision, curvature, hess_decay,
+            b1, hess_init, weight_decay, mu_dtype, nu_dtype, sigma_dtype, proximal_eta,
+            (beta, eps, sigma_init, sigma_max, max_ratio, bias_correction),
+        )  # fmt: skip
+        return _with_learned_prior(where, tx) if learned_prior else tx
+    sigma.check_sigma_args(
+        where, eta, beta, b1, eps, sigma_init, sigma_max, max_ratio, filter_start=True
+    )
     validation.check_choice("curvature", curvature, CURVATURES, where)
     if curvature in ("evidence", "variance"):
         if batch_size is None:
@@ -508,27 +576,13 @@ def scale_by_variational_sigma_filter(
         return engine.Kernel("variational", scalars, _finish)
 
     def init_fn(params):
-        for leaf in jax.tree.leaves(params):
-            if not jnp.issubdtype(numerics.leaf_dtype(leaf), jnp.floating):
-                raise ValueError(
-                    f"{where}: parameters must be real floating point, got a "
-                    f"{numerics.leaf_dtype(leaf)} leaf."
-                )
-            if learned_prior and isinstance(leaf, jax.ShapeDtypeStruct):
-                raise ValueError(
-                    f"{where}: prior_precision=None starts from the initial parameters' "
-                    "values, and a leaf is a ShapeDtypeStruct; for an abstract state use "
-                    "jax.eval_shape(tx.init, params), or fix prior_precision."
-                )
+        _check_real_floating(params, learned_prior, where)
         base = sigma.init_sigma_state(params, b1, sigma_init, dtypes, where)
         hess = None
         if buffered:  # "reparam": float, whatever nu_dtype says (its slot names no dtype argument)
             hess = hess_slot.allocate(params, nu_dtype if hess_slot.dtype_arg else None, where)
         f = jnp.result_type(float)  # float64 under jax_enable_x64, else float32
-        if learned_prior:
-            delta = initial_prior_precision(params, num_data)
-        else:
-            delta = jnp.full((len(jax.tree.leaves(params)),), prior_precision, f)
+        delta = _initial_delta(params, num_data, prior_precision)
         return ScaleByVariationalSigmaFilterState(
             count=base.count,
             key=jnp.array(key_data),
@@ -595,8 +649,13 @@ def scale_by_variational_sigma_filter(
         )
 
     tx = engine.elementwise(where, slots, init_fn, prepare)
-    if not learned_prior:
-        return tx
+    return _with_learned_prior(where, tx) if learned_prior else tx
+
+
+def _with_learned_prior(
+    where: str, tx: optax.GradientTransformation
+) -> optax.GradientTransformation:
+    """``tx`` followed, each step, by one empirical-Bayes iteration of δ per leaf."""
 
     def update_fn(updates, state, params=None):
         if params is None:
@@ -605,8 +664,200 @@ def scale_by_variational_sigma_filter(
                 "(prior_precision=None); pass them, or fix prior_precision."
             )
         u, new = tx.update(updates, state, params)
-        h = curvature_tree(new)
+        h = precision_tree(new)
         delta = empirical_bayes_prior(params, h, state.prior_precision, state.num_data)
         return u, new._replace(prior_precision=delta)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(tx.init, update_fn)
+
+
+def _check_real_floating(params: PyTree, learned_prior: bool, where: str) -> None:
+    for leaf in jax.tree.leaves(params):
+        if not jnp.issubdtype(numerics.leaf_dtype(leaf), jnp.floating):
+            raise ValueError(
+                f"{where}: parameters must be real floating point, got a "
+                f"{numerics.leaf_dtype(leaf)} leaf."
+            )
+        if learned_prior and isinstance(leaf, jax.ShapeDtypeStruct):
+            raise ValueError(
+                f"{where}: prior_precision=None starts from the initial parameters' "
+                "values, and a leaf is a ShapeDtypeStruct; for an abstract state use "
+                "jax.eval_shape(tx.init, params), or fix prior_precision."
+            )
+
+
+def _initial_delta(params: PyTree, num_data: Any, prior_precision: float | None) -> Array:
+    f = jnp.result_type(float)  # float64 under jax_enable_x64, else float32
+    if prior_precision is None:
+        return initial_prior_precision(params, num_data)
+    return jnp.full((len(jax.tree.leaves(params)),), prior_precision, f)
+
+
+def _newton(
+    where, alpha, num_data, batch_size, key, prior_precision, curvature, hess_decay, b1,
+    hess_init, weight_decay, mu_dtype, nu_dtype, sigma_dtype, proximal_eta, filter_args,
+):  # fmt: skip
+    """``mean_step="newton"``: the variational online-Newton step (:mod:`.newton`).
+
+    State (:class:`ScaleByVariationalNewtonState`): the gradient EMA ``mu``,
+    the curvature ``hess`` (h itself: ``curvature_scale`` is 1) and, with a
+    proximal part (``proximal_eta``), the σ-filter's ``nu`` and ``sigma``.
+    The mean's step reads the parameters (the prior's pull δ₀·θ̄), so it
+    runs on the pure path.
+    """
+    validation.check_choice(
+        "curvature", curvature, NEWTON_CURVATURES, where + ' (mean_step="newton")'
+    )
+    if curvature == "variance" and batch_size is None:
+        raise ValueError(f'{where}: `batch_size` is required with curvature="variance".')
+    if batch_size is not None:
+        validation.check_range("batch_size", batch_size, low=1.0, where=where)
+    validation.check_decay("hess_decay", hess_decay, where)
+    validation.check_decay("b1", b1, where)
+    validation.check_range("hess_init", hess_init, low=0.0, where=where)
+    if weight_decay is not None:
+        validation.check_range("weight_decay", weight_decay, low=0.0, where=where)
+        if (
+            isinstance(weight_decay, int | float)
+            and isinstance(prior_precision, int | float)
+            and weight_decay > prior_precision
+        ):
+            raise ValueError(
+                f"{where}: weight_decay ({weight_decay}) must not exceed prior_precision "
+                f"({prior_precision}): it is the zero-centred part of the prior."
+            )
+    if not callable(alpha):
+        validation.check_range("learning_rate", alpha, low=0.0, low_inclusive=False, where=where)
+    proximal = proximal_eta is not None
+    beta, eps, sigma_init, sigma_max, max_ratio, bias_correction = filter_args
+    if proximal:
+        sigma.check_sigma_args(
+            where, proximal_eta, beta, b1, eps, sigma_init, sigma_max, max_ratio,
+            filter_start=True,
+        )  # fmt: skip
+    key_data = validation.key_data(key, where)
+    learned_prior = prior_precision is None
+    mu_slot = engine.Slot("mu", signed=True, dtype_arg="mu_dtype")
+    hess_slot = (
+        engine.Slot("hess", dtype_arg="nu_dtype")
+        if curvature == "variance"
+        else engine.Slot("hess", signed=True)  # h + δ > 0, h itself may dip below 0
+    )
+    # the σ-filter's evidence and σ: there only with a proximal part
+    slots = (
+        mu_slot,
+        engine.Slot("nu", dtype_arg="nu_dtype", optional=True),
+        engine.Slot("sigma", dtype_arg="sigma_dtype", optional=True),
+        hess_slot,
+    )
+    new_sigma = sigma.filter_rule(sigma_init, sigma_max, max_ratio)
+    # E(g - m̂_{t-1})² = Var(g)(1 + (1 - b1)/(1 + b1)) for independent gradients
+    batch_scale = 0.0 if batch_size is None else batch_size / (1 + (1 - b1) / (1 + b1))
+
+    def init_fn(params):
+        _check_real_floating(params, learned_prior, where)
+        f = jnp.result_type(float)
+        hess_dtype = nu_dtype if hess_slot.dtype_arg else None
+        nu = sig = None
+        if proximal:
+            base = sigma.init_sigma_state(
+                params, b1, sigma_init, sigma.StateDtypes(mu_dtype, nu_dtype, sigma_dtype), where
+            )
+            nu, sig = base.nu, base.sigma
+        return ScaleByVariationalNewtonState(
+            count=jnp.zeros((), jnp.int32),
+            key=jnp.array(key_data),
+            mu=mu_slot.allocate(params, mu_dtype, where),
+            nu=nu,
+            sigma=sig,
+            hess=hess_slot.allocate(params, hess_dtype, where, value=hess_init),
+            num_data=jnp.asarray(num_data, f),
+            prior_precision=_initial_delta(params, num_data, prior_precision),
+            curvature_scale=jnp.ones((), f),
+        )
+
+    def make_leaf(args):
+        count, prev_count, alpha_t, eta_t = args
+        debias = numerics.Debias(count)
+        prev_debias = numerics.Debias(prev_count)
+        filter_step = None
+        if proximal:
+            filter_step = sigma.filter_leaf(
+                (count, eta_t), new_sigma, beta, b1, bias_correction, eps
+            )
+
+        def leaf(g, m, s, sig, h, p, delta, e, v):
+            # delta: the prior's whole precision per example (the variance's);
+            # the part centred at zero, which pulls the mean, is ``weight_decay``
+            # (all of it when None: the plain evidence lower bound).
+            c = numerics.real_dtype(numerics.compute_dtype(g.dtype))
+            gc = numerics.to_compute(g).astype(c)
+            m_c, h_c = m.astype(c), h.astype(c)
+            d = jnp.asarray(delta, c)
+            if curvature == "reparam":
+                # v = 0 only before a proximal step's first evidence (σ = 0): no draw yet
+                h_hat = jnp.where(v > 0, gc * e / jnp.sqrt(jnp.where(v > 0, v, 1)), 0)
+            else:
+                pd = prev_debias(b1, c)
+                m_prev = jnp.where(pd > 0, m_c / jnp.where(pd > 0, pd, 1), 0)
+                diff = numerics.to_compute(gc - m_prev)
+                h_hat = jnp.asarray(batch_scale, c) * diff * diff
+            h_hat = numerics.clip_finite(h_hat)  # B·diff² can overflow; keeps h finite
+            s_out = sig_out = None
+            prox_prev = prox = jnp.zeros((), c)
+            if proximal:
+                prox_prev = 1 / sig.astype(c)
+                _, m_out, s_out, sig_out = filter_step(g, m, s, sig)
+                m_new = m_out.astype(c)
+                prox = 1 / sig_out.astype(c)
+            else:
+                m_new = numerics.ema(gc, m_c, b1)
+            h_new = newton.precision_step(h_c, h_hat, hess_decay, d + prox_prev)
+            m_hat = m_new / debias(b1, c)
+            pull = d if weight_decay is None else jnp.asarray(weight_decay, c)
+            u = newton.mean_step(
+                m_hat, jnp.asarray(p).astype(c), h_new, jnp.asarray(alpha_t, c), d + prox, pull
+            )
+            return (
+                numerics.store(u, g.dtype),
+                numerics.store(m_new, m.dtype),
+                s_out,
+                sig_out,
+                numerics.store(h_new, h.dtype),
+            )
+
+        return leaf
+
+    def prepare(state, params=None):
+        """One step; it reads the parameters, so no native kernel runs it."""
+        count = optax.safe_increment(state.count)
+        alpha_t = alpha(state.count) if callable(alpha) else alpha
+        eta_t = sigma.eta_at(proximal_eta, state.count) if proximal else None
+        deltas = prior_precision_tree(state)
+        noise = var = None
+        if curvature == "reparam":
+            noise, var = noise_tree(state), variance_tree(state)
+        return engine.Prepared(
+            make_leaf,
+            (count, state.count, alpha_t, eta_t),
+            None,
+            {"count": count},
+            inputs=(params, deltas, noise, var),
+        )
+
+    contract = engine.Elementwise(slots, prepare)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(
+                f'{where}: `params` is required by update with mean_step="newton" '
+                "(the prior's pull δ₀·θ̄ is part of the step)."
+            )
+        updates = buffers.as_arrays(updates)
+        tree, name = contract.checked_against(state)
+        buffers.check_tree_match(where, updates, tree, name, quantize.is_stored)
+        prepared = prepare(state, params)
+        u, new_slots = engine.apply(prepared, updates, contract.read(state))
+        return u, contract.rebuild(state, prepared, new_slots)
+
+    return engine.describe(optax.GradientTransformation(init_fn, update_fn), contract)

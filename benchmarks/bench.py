@@ -196,6 +196,16 @@ OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation], int, int
         80,
         "sample",
     ),
+    # variational_newton (its pure path: the step reads θ̄ for the prior's
+    # pull): the draw reads θ, h and σ and writes θ̃ (16), the gradient pass
+    # 12, the update reads g, θ and four state buffers and writes four (40),
+    # applying u reads p and u and writes p (12).
+    "bj.variational_newton + sample": (
+        lambda: bj.variational_newton(num_data=10**6, batch_size=64),
+        16,
+        80,
+        "sample",
+    ),
     # Not an optimizer: the same call with the same (donated) buffers and no
     # arithmetic, i.e. what JAX's dispatch of this many arrays costs.
     "call floor (no math)": (lambda: bj.adam(1e-3), 8, 0, "floor"),

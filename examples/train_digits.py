@@ -4,10 +4,10 @@ The digits data set ships with scikit-learn (1,797 8x8 images, no download).
 For each optimizer the script trains the same MLP from the same
 initialisation, prints a results table (final train loss, test loss and
 accuracy, an out-of-distribution AUROC, time per step) and saves the
-training-loss curves as a PNG. ``variational_sigma_filter`` runs with its
-defaults (only the data and batch sizes given) and takes each gradient at a
-draw from its posterior; its table has a second row, the model average over
-32 posterior draws. The AUROC is that of the predictive entropy separating
+training-loss curves as a PNG. ``variational_sigma_filter`` and
+``variational_newton`` run with their defaults (only the data and batch
+sizes given) and take each gradient at a draw from their posterior; each
+has a second row, the model average over 32 posterior draws. The AUROC is that of the predictive entropy separating
 the test digits from 500 uniform-noise images (1 = always tells them apart).
 
     python examples/train_digits.py                      # all optimizers
@@ -35,7 +35,8 @@ from flax import nnx
 import bayesopt_jax as bj
 from bayesopt_jax.nnx import value_and_grad_at_sample
 
-VARIATIONAL = "variational_sigma_filter"
+# the variational optimizers: gradients at a posterior draw, and a model-average row
+VARIATIONAL = ("variational_sigma_filter", "variational_newton")
 # learning rate (or η) of each optimizer relative to --lr
 LR_FACTOR = {"adamax": 2, "adagrad": 30}
 
@@ -47,7 +48,7 @@ def optimizer_zoo(
 
     ``state_dtype`` (e.g. ``jnp.bfloat16``) sets the moment dtypes of the
     optimizers that take ``mu_dtype``/``nu_dtype`` (adam, adamw, amsgrad).
-    With ``num_data``, the variational σ-filter is added with its defaults.
+    With ``num_data``, the two variational optimizers are added with their defaults.
     """
     dt = dict(mu_dtype=state_dtype, nu_dtype=state_dtype)
     zoo = {
@@ -61,7 +62,9 @@ def optimizer_zoo(
         "sigma_fixed_point": bj.sigma_fixed_point(lr, b1=0.9),
     }
     if num_data is not None:
-        zoo[VARIATIONAL] = bj.variational_sigma_filter(num_data=num_data, batch_size=batch_size)
+        sizes = dict(num_data=num_data, batch_size=batch_size)
+        zoo["variational_sigma_filter"] = bj.variational_sigma_filter(**sizes)
+        zoo["variational_newton"] = bj.variational_newton(**sizes)
     return zoo
 
 
@@ -146,7 +149,7 @@ def model_average(model, optimizer, xs, samples: int, seed: int) -> list[np.ndar
 
 def train_one(name, tx, data, args, progress, ood):
     (xtr, ytr), (xte, yte) = data
-    step_fn = train_step_at_sample if name == VARIATIONAL else train_step
+    step_fn = train_step_at_sample if name in VARIATIONAL else train_step
     model = MLP([64, *args.hidden, 10], rngs=nnx.Rngs(args.seed))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     rng = np.random.default_rng(args.seed)
@@ -182,7 +185,7 @@ def train_one(name, tx, data, args, progress, ood):
         "ms_per_step": 1e3 * step_time / n_steps,
         "epoch_losses": losses,
     }
-    if name == VARIATIONAL:
+    if name in VARIATIONAL:
         lp_tr, lp_te, lp_ood = model_average(
             model, optimizer, [xtr, xte, ood], args.samples, args.seed + 1
         )
@@ -204,7 +207,7 @@ def main(argv=None):
         "--lr",
         type=float,
         default=3e-3,
-        help="learning rate / η (adamax: 2×, adagrad: 30×; the variational filter keeps its default)",
+        help="learning rate / η (adamax: 2×, adagrad: 30×; the variational optimizers keep their defaults)",
     )
     parser.add_argument("--samples", type=int, default=32, help="draws in the model average")
     parser.add_argument("--hidden", type=int, nargs="*", default=[128, 128])
@@ -225,7 +228,8 @@ def main(argv=None):
     n_train = len(data[0][0])
     zoo = optimizer_zoo(args.lr, state_dtype, num_data=n_train, batch_size=args.batch_size)
     if args.state_dtype != "float32":
-        zoo.pop(VARIATIONAL)  # its 8-bit storage is a keyword of its own (see the Memory guide)
+        for name in VARIATIONAL:  # their 8-bit storage is a keyword of their own (Memory guide)
+            zoo.pop(name)
     names = args.optimizers or list(zoo)
     unknown = sorted(set(names) - set(zoo))
     if unknown:
@@ -274,7 +278,7 @@ def main(argv=None):
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for r in results:
         name = r["optimizer"]
-        if name == VARIATIONAL:
+        if name in VARIATIONAL:
             rate = "defaults; loss at the draws"
         else:
             rate = f"{LR_FACTOR.get(name, 1) * args.lr:g}"

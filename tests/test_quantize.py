@@ -7,10 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from registry import make_eight_bit, with_eight_bit
+from registry import make_eight_bit, slow_except, with_eight_bit
 
 import bayesopt_jax as bj
 from bayesopt_jax._src import quantize
+
+# every optimizer with 8-bit state; the pure-path variational_newton (slowest to
+# compile) in the full suite only
+EIGHT_BIT = slow_except(
+    with_eight_bit(), [n for n in with_eight_bit() if n != "variational_newton"]
+)
 
 U = 2.0**-24  # float32 unit roundoff
 
@@ -166,7 +172,7 @@ def test_constant_storage_is_the_encoder_of_the_constant(shape, value):
             np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(expect.scale))
 
 
-@pytest.mark.parametrize("name", with_eight_bit())
+@pytest.mark.parametrize("name", EIGHT_BIT)
 def test_bare_array_parameters_with_stored_state(name):
     """A single array as the parameters: the state's 8-bit nodes are one buffer, not two."""
     tx = make_eight_bit(name, quantize.Blockwise8())
@@ -184,7 +190,7 @@ def test_bare_array_parameters_with_stored_state(name):
         tx.update(jnp.ones((3, 64, 64)), s, jnp.ones((3, 64, 64)))
 
 
-@pytest.mark.parametrize("name", with_eight_bit())
+@pytest.mark.parametrize("name", EIGHT_BIT)
 @pytest.mark.parametrize("shape", [(0, 300), (0, 0), (2, 0, 5), (0,)])
 def test_empty_arrays_with_stored_state(name, shape):
     tx = make_eight_bit(name, quantize.Blockwise8())

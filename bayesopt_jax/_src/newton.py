@@ -1,29 +1,37 @@
 r"""The variational online-Newton step: one leaf's arithmetic.
 
-The mean and the precision of a diagonal Gaussian :math:`q = \mathcal N(m, v)`,
-:math:`v = 1/(\lambda(h+\delta))`, move by the natural-gradient step of the
-tempered evidence lower bound
+The mean m and the precision of a diagonal Gaussian :math:`q = \mathcal N(m, v)`
+move by the natural-gradient step of the evidence lower bound
 
 .. math::
-    \mathcal L(q) = \lambda\,\mathbb E_q[\bar\ell(\theta)]
-    + \mathrm{KL}\big(q \,\|\, \mathcal N(0, 1/(\lambda\delta))\big),
+    \mathcal L(q) = N\,\mathbb E_q[\bar\ell(\theta)]
+    + \mathrm{KL}\big(q \,\|\, p_t\big),
 
-with :math:`\bar\ell` the mean loss per example and λ the effective number of
-examples (``num_data``). Per weight, with ĝ the batch gradient at a draw and
-ĥ an estimate of the diagonal of the expected Hessian of :math:`\bar\ell`
-under q:
+with :math:`\bar\ell` the mean loss per example and N the number of examples
+(``num_data``). The prior :math:`p_t` has two parts: a zero-centred Gaussian
+of precision :math:`N\delta_0` per weight, and a part centred at the current
+mean of precision :math:`N(\delta - \delta_0) + N/\sigma_t`, where
+:math:`\sigma_t` is the σ-filter's variance (learning-rate units; absent
+without ``proximal_eta``). The second part does not pull the mean anywhere;
+it is the belief a filter carries from one step to the next. Per weight,
+with ĝ the batch gradient at a draw and ĥ an estimate of the diagonal of the
+expected Hessian (or Fisher) of :math:`\bar\ell` under q:
 
 .. math::
     g_t &= \beta_1 g_{t-1} + (1-\beta_1)\hat g_t, \\
     h_t &= \gamma h_{t-1} + (1-\gamma)\hat h_t
-          + \tfrac12 (1-\gamma)^2 \frac{(h_{t-1}-\hat h_t)^2}{h_{t-1}+\delta}, \\
-    m_t &= m_{t-1} - \alpha_t\,\frac{g_t/(1-\beta_1^t) + \delta\,m_{t-1}}{h_t+\delta}.
+          + \tfrac12 (1-\gamma)^2 \frac{(h_{t-1}-\hat h_t)^2}{h_{t-1}+\delta+1/\sigma_{t-1}}, \\
+    m_t &= m_{t-1} - \alpha_t\,\frac{g_t/(1-\beta_1^t) + \delta_0\,m_{t-1}}{h_t+\delta+1/\sigma_t},
+    \qquad v_t = \frac{1}{N\,(h_t + \delta + 1/\sigma_t)} .
 
 The third term of the precision update is the second-order correction of the
-improved Bayesian learning rule (Lin et al., 2020), which keeps
-:math:`h + \delta` positive whatever the sign of ĥ. With the
-reparameterisation estimate :math:`\hat h = \hat g\,\varepsilon/\sqrt{v}` this
-is IVON's Algorithm 1 (Shen et al., 2024) with ``lr·(h₀+δ)`` = α.
+improved Bayesian learning rule (Lin et al., 2020), which keeps the precision
+positive whatever the sign of ĥ. Without the proximal part, with δ₀ = δ and
+the reparameterisation estimate :math:`\hat h = \hat g\,\varepsilon/\sqrt{v}`,
+this is IVON's Algorithm 1 (Shen et al., 2024), its learning rate being
+α = ``lr·(h₀+δ)``. Where the data's curvature is small beside 1/σ, the mean
+moves by :math:`\alpha\sigma_t \hat m_t`, the σ-filter's step, and the draws'
+variance is σ/N: the step size read as a posterior variance.
 """
 
 from __future__ import annotations

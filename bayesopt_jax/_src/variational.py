@@ -483,6 +483,20 @@ def scale_by_variational_sigma_filter(
       sigma_dtype: storage of σ, likewise. (The ``"variance"`` curvature
         buffer is stored like the evidence, with ``nu_dtype``; the signed
         ``"reparam"`` one stays in the parameter's dtype.)
+      mean_step: ``"filter"`` (the σ-filter's step, above) or ``"newton"``:
+        the variational online-Newton step of :mod:`bayesopt_jax._src.newton`
+        (see :func:`~bayesopt_jax.variational_newton`, which sets its
+        defaults). With ``"newton"``, ``eta`` is the step's learning rate α,
+        the curvature is ``"variance"`` or ``"reparam"`` (its EMA starts at
+        ``hess_init`` and is not debiased), and ``beta``, ``sigma_init``,
+        ``eps``, ``sigma_max``, ``max_ratio`` and ``bias_correction`` set the
+        σ-filter of the proximal part; the state is a
+        :class:`ScaleByVariationalNewtonState`.
+      hess_init: ``"newton"`` only: h₀ ≥ 0, the curvature before any data.
+      weight_decay: ``"newton"`` only: δ₀ ≤ δ, the part of the prior centred
+        at zero (which pulls the mean); ``None``: all of it.
+      proximal_eta: ``"newton"`` only: the σ-filter's η for the proximal
+        part of the prior (precision 1/σ per example), or ``None`` for none.
 
     Returns:
       An ``optax.GradientTransformation`` with state

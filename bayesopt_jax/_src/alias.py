@@ -640,6 +640,10 @@ def variational_newton(
       Positive-Definite Constraint in the Bayesian Learning Rule*, ICML 2020;
       Khan and Rue, *The Bayesian Learning Rule*, JMLR 2023.
     """
+    if not callable(learning_rate):
+        validation.check_range(
+            "learning_rate", learning_rate, low=0.0, low_inclusive=False, where="variational_newton"
+        )
     tx = engine.chain(
         variational_lib.scale_by_variational_sigma_filter(
             learning_rate,

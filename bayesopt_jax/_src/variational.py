@@ -741,7 +741,7 @@ def _newton(
                 f"({prior_precision}): it is the zero-centred part of the prior."
             )
     if not callable(alpha):
-        validation.check_range("learning_rate", alpha, low=0.0, low_inclusive=False, where=where)
+        validation.check_range("eta", alpha, low=0.0, low_inclusive=False, where=where)
     proximal = proximal_eta is not None
     beta, eps, sigma_init, sigma_max, max_ratio, bias_correction = filter_args
     if proximal:

@@ -565,6 +565,19 @@ def _torch_setup(data: dict, seed: int):
     return tt, xtr, ytr, torch_model(data["model"])
 
 
+def _torch_mean_predictions(model, data: dict, tt):
+    """The evaluation sets as tensors, and the log-probabilities of ``model`` on each ("mean")."""
+    import torch
+
+    sets = {"val": data["val"][0], "test": data["test"][0], **data["ood"]}
+    sets = {k: tt(x) for k, x in sets.items()}
+    preds = {"mean": {}, "avg": {}}
+    with torch.no_grad():
+        for k, x in sets.items():
+            preds["mean"][k] = torch.log_softmax(model(x), 1).double().numpy()
+    return sets, preds
+
+
 def run_ivon(data: dict, seed: int, args):
     import ivon
     import torch
@@ -595,12 +608,8 @@ def run_ivon(data: dict, seed: int, args):
         width[name] = float(np.median(std[offset : offset + prm.numel()]))
         offset += prm.numel()
 
-    sets = {"val": data["val"][0], "test": data["test"][0], **data["ood"]}
-    sets = {k: tt(x) for k, x in sets.items()}
-    preds = {"mean": {}, "avg": {}}
+    sets, preds = _torch_mean_predictions(model, data, tt)
     with torch.no_grad():
-        for k, x in sets.items():
-            preds["mean"][k] = torch.log_softmax(model(x), 1).double().numpy()
         torch.manual_seed(10_000 + seed)
         acc = {k: [] for k in sets}
         for _ in range(args.samples):
@@ -642,12 +651,9 @@ def run_laplace(data: dict, seed: int, args):
     la.optimize_prior_precision(pred_type="glm", method="marglik", link_approx="probit")
     seconds = time.perf_counter() - t0
 
-    sets = {"val": data["val"][0], "test": data["test"][0], **data["ood"]}
-    sets = {k: tt(x) for k, x in sets.items()}
-    preds = {"mean": {}, "avg": {}}
+    sets, preds = _torch_mean_predictions(model, data, tt)
     with torch.no_grad():
         for k, x in sets.items():
-            preds["mean"][k] = torch.log_softmax(model(x), 1).double().numpy()
             probs = la(x, pred_type="glm", link_approx="probit").double()
             preds["avg"][k] = torch.log(probs.clamp_min(1e-300)).numpy()
         last = la.sample(n_samples=256).double().std(0).numpy()  # the last layer's weights

@@ -98,6 +98,8 @@ class ScaleByVariationalNewtonState(ScaleByVariationalSigmaFilterState):
     is 1). Where the step has a proximal part (``proximal_eta``), ``nu`` and
     ``sigma`` are the σ-filter's evidence and σ, and 1/σ is added to the
     per-example precision: v = 1/(N(h + 1/σ + δ)). Otherwise both are ``None``.
+    σ is 0 until the first update (the filter starts at the fixed point of its
+    first evidence), so v is 0 then: the first draw is the mean itself.
     """
 
     __slots__ = ()

@@ -196,14 +196,15 @@ OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation], int, int
         80,
         "sample",
     ),
-    # variational_newton (its pure path: the step reads θ̄ for the prior's
-    # pull): the draw reads θ, h and σ and writes θ̃ (16), the gradient pass
-    # 12, the update reads g, θ and four state buffers and writes four (40),
-    # applying u reads p and u and writes p (12).
+    # variational_newton: its state by the variational σ-filter's native rule,
+    # the mean's step formed in the loop that applies it (reading θ̄ for the
+    # prior's pull); the draw reads θ, r and σ and writes θ̃ (16), the
+    # gradient pass 12, the update reads g and four state buffers and writes
+    # four (36), applying u reads p, m, r, σ and writes p (20).
     "bj.variational_newton + sample": (
         lambda: bj.variational_newton(num_data=10**6, batch_size=64),
         16,
-        80,
+        84,
         "sample",
     ),
     # Not an optimizer: the same call with the same (donated) buffers and no

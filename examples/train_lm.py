@@ -73,6 +73,7 @@ OPTIMIZERS = (
     "sigma_filter",
     "sigma_fixed_point",
     "variational_sigma_filter",
+    "variational_newton",
 )
 EIGHT_BIT = (
     "adamw",
@@ -247,11 +248,25 @@ def make_optimizer(name: str, args, num_data: int, tokens_per_step: int):
             clip,
             bj.variational_sigma_filter(
                 args.lr,
-                num_data=num_data,
+                num_data=num_data / args.temperature,
                 batch_size=tokens_per_step,
                 key=args.seed,
                 beta=args.b2,
                 **st,
+            ),
+            after,
+        )
+    if name == "variational_newton":
+        # η is the proximal σ-filter's; the step is the whole natural-gradient
+        # step (α = 1) under the warm-up and cosine decay, as for the σ-filters.
+        return optax.chain(
+            clip,
+            bj.variational_newton(
+                num_data=num_data / args.temperature,
+                batch_size=tokens_per_step,
+                key=args.seed,
+                proximal_eta=args.lr,
+                beta=args.b2,
             ),
             after,
         )
@@ -607,6 +622,13 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoints")
     ap.add_argument("--sample-length", type=int, default=200, help="bytes of generated text")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="variational optimizers: a tempered posterior, the data's weight divided by this "
+        "(num_data/T; T > 1 widens the draws)",
+    )
     ap.add_argument(
         "--state-dtype",
         choices=["float32", "8bit"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ from bounds import check, power, rejects, track
 from reference import sigma_filter
 
 import bayesopt_jax as bj
-from bayesopt_jax._src import variational
+from bayesopt_jax._src import native, variational
 
 N = 500
 
@@ -97,19 +99,33 @@ def test_ivon_configuration_matches_published_update(rng, beta2):
     assert rejects([x[0] for x in got], [x[0] for x in stale])
 
 
-def test_default_mode_matches_its_equations(rng):
+@pytest.mark.parametrize("path", ["native", "pure"])
+def test_default_mode_matches_its_equations(path, rng):
     """The default mode, transcribed in float64 with float32 rounding bounds, over 10 steps.
 
     σ_t from the σ-filter's equations (``reference.sigma_filter`` with the
-    filter's guard κ = 2), h_t = γh + (1−γ)ĥ + ½(1−γ)²(h − ĥ)²/(h + δ + 1/σ_{t−1})
-    with ĥ = B(g − m̂_{t−1})²/(1 + (1−b₁)/(1+b₁)), and the step
-    θ̄ ← θ̄ − α(m̂_t + δ₀θ̄)/(h_t + δ + 1/σ_t); the draw's variance 1/(N(h + 1/σ + δ)).
+    filter's guard κ = 2), r_t = γr + (1−γ)(g − m̂_{t−1})² (the state) and
+    h_t = B r_t/(1 + (1−b₁)/(1+b₁)) (ĥ ≥ 0: no positivity correction), and the
+    step θ̄ ← θ̄ − α(m̂_t + δ₀θ̄)/(h_t + δ + 1/σ_t); the draw's variance
+    1/(N(h + 1/σ + δ)). ``"native"``: the state by the variational σ-filter's
+    native rule, the step formed by XLA from it (the CPU's path where the
+    kernels are built); ``"pure"``: the pure statement. Both meet the same bounds.
     """
+    if path == "native" and not bj.native_available():
+        pytest.skip("the native kernels are not built")
     n, batch = 300, 16
     alpha, delta, delta0, gam, b1, eta = 1.0, 0.01, 1e-3, 0.99, 0.9, 3e-3
     tx = bj.variational_newton(num_data=n, batch_size=batch, key=5)
     p = jnp.asarray(rng.normal(size=6) * 0.3, jnp.float32)
     state = tx.init(p)
+    update = jax.jit(tx.update)
+
+    def scope():
+        return native.pure_jax() if path == "pure" else contextlib.nullcontext()
+
+    with scope():
+        text = update.lower(p, state, p).as_text()
+    assert ("bayesopt_jax_variational_momentum_update" in text) == (path == "native")
     steps = 10
     grads = [rng.normal(size=6) * np.linspace(0.01, 1, 6) for _ in range(steps)]
     tracked = [track(g, np.float32) for g in grads]
@@ -117,30 +133,22 @@ def test_default_mode_matches_its_equations(rng):
     unit = track(np.ones(6), np.float32)
     theta = track(np.asarray(p), np.float32)
     m = 0.0 * unit
-    h = 0.0 * unit
-    prox_prev = 0.0 * unit  # σ = 0 before the first evidence: no proximal precision
+    r = 0.0 * unit
     scale = batch / (1 + (1 - b1) / (1 + b1))
     for t, g in enumerate(tracked, start=1):
         m_prev = m / (1 - power(b1, t - 1, unit)) if t > 1 else 0.0 * unit
-        h_hat = scale * (g - m_prev) ** 2
-        if t == 1:
-            h = gam * h + (1 - gam) * h_hat  # the correction divides by ∞ at the first step
-        else:
-            h = (
-                gam * h
-                + (1 - gam) * h_hat
-                + (0.5 * (1 - gam) ** 2) * (h - h_hat) ** 2 / (h + delta + prox_prev)
-            )
+        r = gam * r + (1 - gam) * (g - m_prev) ** 2
+        h = scale * r
         m = b1 * m + (1 - b1) * g
         m_hat = m / (1 - power(b1, t, unit))
         prox = 1 / sigmas[t - 1]
         step = alpha * (m_hat + delta0 * theta) / (h + delta + prox)
         theta = theta - step
-        prox_prev = prox
-        u, state = tx.update(jnp.asarray(grads[t - 1], jnp.float32), state, p)
+        with scope():
+            u, state = update(jnp.asarray(grads[t - 1], jnp.float32), state, p)
         p = optax.apply_updates(p, u)
         check(np.asarray(state[0].sigma), sigmas[t - 1], f"σ, step {t}")
-        check(np.asarray(state[0].hess), h, f"h, step {t}")
+        check(np.asarray(state[0].hess), r, f"r, step {t}")
         check(np.asarray(p), theta, f"mean, step {t}")
     v = 1 / (n * (h + prox + delta))
     check(np.asarray(bj.posterior_variance(state)), v, "v")
@@ -208,7 +216,11 @@ def test_default_mode_on_bayesian_linear_regression():
             g = jax.grad(loss)(bj.training_sample(p, state), idx)
             u, state = tx.update(g, state, p)
             p = optax.apply_updates(p, u)
-            return (p, state), (p, state[0].hess, bj.posterior_variance(state))
+            return (p, state), (
+                p,
+                state[0].hess * state[0].curvature_scale,
+                bj.posterior_variance(state),
+            )
 
         keys = jax.random.split(batch_key, steps)
         _, (ps, hs, vs) = jax.lax.scan(step, (p0, state), keys)
@@ -261,3 +273,21 @@ def test_newton_errors_name_the_argument():
     s = tx.init({"w": jnp.zeros(2)})
     with pytest.raises(ValueError, match="params"):
         tx.update({"w": jnp.ones(2)}, s)
+
+
+def test_the_native_newton_step_runs_as_two_calls_under_fused_step(rng):
+    """The kernel updates the state and XLA forms the step, so ``fused_step`` does not fuse it
+    and says why; its result is the two calls' (the same computation, bit for bit)."""
+    p = {"w": jnp.asarray(rng.normal(size=(40, 30)), jnp.float32)}
+    g = jax.tree.map(lambda x: 0.1 * jnp.cos(x), p)
+    tx = bj.variational_newton(num_data=1000, batch_size=10)
+    state = tx.init(p)
+    if bj.native_available():
+        assert "reads the parameters" in bj.fusion_reason(tx, g, state, p)
+    fused = jax.jit(lambda g, s, p: bj.fused_step(tx, g, s, p))(g, state, p)
+
+    def two(g, s, p):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    jax.tree.map(np.testing.assert_array_equal, fused, jax.jit(two)(g, state, p))

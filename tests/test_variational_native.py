@@ -69,21 +69,28 @@ def _trained_state(params, tx, steps, seed=0):
 
 
 @needs_native
-@pytest.mark.parametrize("curvature", ["variance", "evidence", "reparam"])
+@pytest.mark.parametrize("curvature", ["variance", "evidence", "reparam", "newton"])
 def test_native_and_pure_training_samples_agree_within_the_bound(curvature, rng):
     """θ̃ = p + √v·ε by the kernel and by the pure statement.
 
     Both compute h, v and p + √v·ε in the same order (at most 8 roundings:
-    the pure path's XLA may regroup them), relative u each of |p| + √v|ε|,
-    and ε within its erf⁻¹ bound on each side: |Δ| ≤ 8u(|p| + √v|ε|) +
-    √v|ε|·2B(u).
+    the pure path's XLA may regroup them; 10 with ``variational_newton``'s
+    proximal precision h + 1/σ), relative u each of |p| + √v|ε|, and ε
+    within its erf⁻¹ bound on each side: |Δ| ≤ k·u(|p| + √v|ε|) + √v|ε|·2B(u).
     """
     params = {
         "w": jnp.asarray(rng.normal(size=(64, 50)), jnp.float32),
         "b": jnp.asarray(rng.normal(size=(50,)), jnp.float32),
         "half": jnp.asarray(rng.normal(size=(9,)), jnp.bfloat16),  # the pure path
     }
-    tx = bj.variational_sigma_filter(3e-3, num_data=500, batch_size=8, curvature=curvature, key=11)
+    if curvature == "newton":
+        tx = bj.variational_newton(num_data=500, batch_size=8, key=11)
+        roundings = 10
+    else:
+        tx = bj.variational_sigma_filter(
+            3e-3, num_data=500, batch_size=8, curvature=curvature, key=11
+        )
+        roundings = 8
     state = _trained_state(params, tx, 4)
     vs = posterior._one_state(state, "test")
     got = jax.jit(bj.training_sample)(params, state)
@@ -99,7 +106,7 @@ def test_native_and_pure_training_samples_agree_within_the_bound(curvature, rng)
             math.sqrt(2) * special.erfinv(u)
         )
         p = np.abs(np.asarray(params[name], np.float64))
-        bound = 8 * U32 * (p + noise) + noise * 2 * erfinv_bound(u)
+        bound = roundings * U32 * (p + noise) + noise * 2 * erfinv_bound(u)
         a, b = (np.asarray(x[name], np.float64) for x in (got, want))
         assert np.all(np.abs(a - b) <= bound), name
         assert np.any(a != np.asarray(params[name]))  # the draw moved the weights

@@ -45,11 +45,18 @@ class Kernel(NamedTuple):
     buffers the rule has, in order) forms the update from it in pure JAX, so
     that XLA fuses it into the loop that applies the update and no buffer of
     updates is written and read.
+
+    With ``reads_inputs``, the step's :attr:`Prepared.inputs` (the
+    parameters, per-leaf scalars) enter the update only through ``finish``,
+    which is then ``finish(scalars, args, g, *new_state, *inputs)`` with
+    ``args`` the step's :attr:`Prepared.args`: the kernel updates the state
+    and XLA forms u. Such a rule has no fused step (its u is not the rule's).
     """
 
     rule: str
     scalars: NamedTuple
     finish: Callable[..., jax.Array]
+    reads_inputs: bool = False
 
     @property
     def operand(self) -> jax.Array:
@@ -102,7 +109,7 @@ class Prepared(NamedTuple):
         new state is the old one with these and the new slots replaced.
       inputs: trees the leaves read but do not update (one array per
         parameter, or ``None``), after the slots; a step with inputs runs on
-        the pure path.
+        the pure path unless its kernel ``reads_inputs`` (in ``finish``).
     """
 
     make_leaf: Callable[[Any], Callable[..., Sequence[Any]]]
@@ -230,9 +237,10 @@ def apply(prepared: Prepared, grads: PyTree, slots: Sequence[Any]) -> tuple[PyTr
     cols = [None if s is None else treedef.flatten_up_to(s) for s in (*slots, *prepared.inputs)]
     present = [j for j, col in enumerate(cols[:n_slots]) if col is not None]
     rows = [(g, *(None if col is None else col[i] for col in cols)) for i, g in enumerate(gs)]
+    kernel = prepared.kernel
     use = (
-        prepared.kernel is not None
-        and all(x is None for x in prepared.inputs)
+        kernel is not None
+        and (kernel.reads_inputs or all(x is None for x in prepared.inputs))
         and native.use_native()
     )
     fast = [
@@ -245,7 +253,10 @@ def apply(prepared: Prepared, grads: PyTree, slots: Sequence[Any]) -> tuple[PyTr
     stored = [
         i
         for i, row in enumerate(rows)
-        if use and i not in fast and native.is_stored_leaf(row[0], [row[1 + j] for j in present])
+        if use
+        and not kernel.reads_inputs  # the stored kernels form u in C++: the rule's u
+        and i not in fast
+        and native.is_stored_leaf(row[0], [row[1 + j] for j in present])
     ]
     outs: list[Any] = [None] * len(rows)
     fast_set = set(fast) | set(stored)
@@ -257,7 +268,8 @@ def apply(prepared: Prepared, grads: PyTree, slots: Sequence[Any]) -> tuple[PyTr
     if fast:
         picked_g = [rows[i][0] for i in fast]
         picked_s = [[rows[i][1 + j] for i in fast] for j in present]
-        us, new = _native(prepared, n_slots, present, picked_g, picked_s)
+        picked_in = [[rows[i][1 + n_slots + k] for i in fast] for k in range(len(prepared.inputs))]
+        us, new = _native(prepared, n_slots, present, picked_g, picked_s, picked_in)
         for n, i in enumerate(fast):
             out: list[Any] = [us[n]] + [None] * n_slots
             for slot, j in enumerate(present):
@@ -296,7 +308,7 @@ def _decoding(leaf: Callable[..., Sequence[Any]]) -> Callable[..., tuple]:
 def _pure(prepared: Prepared, n_slots: int, present: list[int], wrap: Callable = lambda leaf: leaf):
     """The pure statement over a kernel's leaves, with the kernel's signature (its derivative)."""
 
-    def pure(scalars, args, gs, states):
+    def pure(scalars, args, gs, states, inputs=()):
         del scalars
         leaf = wrap(prepared.make_leaf(args))
         us, new = [], [[] for _ in present]
@@ -304,6 +316,8 @@ def _pure(prepared: Prepared, n_slots: int, present: list[int], wrap: Callable =
             row: list[Any] = [None] * (n_slots + len(prepared.inputs))
             for slot, j in enumerate(present):
                 row[j] = states[slot][i]
+            for k, col in enumerate(inputs):
+                row[n_slots + k] = col[i]
             out = leaf(g, *row)
             us.append(out[0])
             for slot, j in enumerate(present):
@@ -313,20 +327,39 @@ def _pure(prepared: Prepared, n_slots: int, present: list[int], wrap: Callable =
     return pure
 
 
-def _native(prepared: Prepared, n_slots: int, present: list[int], gs: list, states: list[list]):
-    """The native update of these leaves; its derivative is the pure path's."""
+def _native(
+    prepared: Prepared,
+    n_slots: int,
+    present: list[int],
+    gs: list,
+    states: list[list],
+    inputs: list[list],
+):
+    """The native update of these leaves; its derivative is the pure path's.
+
+    ``inputs`` (one list per input tree) reach ``finish`` where the kernel
+    ``reads_inputs``; otherwise they are all ``None`` and not passed.
+    """
     pure = _pure(prepared, n_slots, present)
+    reads = prepared.kernel.reads_inputs
+    inputs = inputs if reads else []
 
     @jax.custom_jvp
-    def kernel(scalars, args, gs, states):
-        del args
+    def kernel(scalars, args, gs, states, inputs):
         new = native.update(prepared.kernel.rule, scalars, gs, states)
         finish, named = prepared.kernel.finish, rules.unpack(prepared.kernel.rule, scalars)
-        us = [finish(named, g, *(col[i] for col in new)) for i, g in enumerate(gs)]
+        us = []
+        for i, g in enumerate(gs):
+            state = tuple(col[i] for col in new)
+            if reads:
+                us.append(finish(named, args, g, *state, *(col[i] for col in inputs)))
+            else:
+                us.append(finish(named, g, *state))
         return us, new
 
     kernel.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
-    return native.on_cpu(kernel, pure, prepared.kernel.operand, prepared.args, gs, states)
+    operand = prepared.kernel.operand
+    return native.on_cpu(kernel, pure, operand, prepared.args, gs, states, inputs)
 
 
 def _native_stored(

@@ -191,6 +191,11 @@ def _fusion_plan(tx, grads, state, params):
             "this configuration of the rule has no native kernel (hyperparameters must be "
             "Python numbers, eps_root=0, no Nesterov; AdaMax, RMSProp and AdaGrad have none)"
         )
+    if prepared.kernel.reads_inputs:
+        return (
+            "this rule's update reads the parameters (the kernel updates its state and "
+            "XLA forms the update), so it runs as two calls"
+        )
     slots = plan.rule.read(state[0])
     present = [j for j, tree in enumerate(slots) if tree is not None]
     ps, treedef = jax.tree.flatten(params)

@@ -26,7 +26,11 @@ expected Hessian (or Fisher) of :math:`\bar\ell` under q:
 
 The third term of the precision update is the second-order correction of the
 improved Bayesian learning rule (Lin et al., 2020), which keeps the precision
-positive whatever the sign of ĥ. Without the proximal part, with δ₀ = δ and
+positive whatever the sign of ĥ; it is applied to the signed reparameterisation
+estimate. The variance estimate :math:`\hat h = B'(\hat g - \hat m_{t-1})^2`
+is never negative, so h stays a convex combination of non-negative terms and
+needs no correction: there h is ``B'·r``, r the squared deviation's EMA that the
+variational σ-filter keeps (and its native rule updates). Without the proximal part, with δ₀ = δ and
 the reparameterisation estimate :math:`\hat h = \hat g\,\varepsilon/\sqrt{v}`,
 this is IVON's Algorithm 1 (Shen et al., 2024), its learning rate being
 α = ``lr·(h₀+δ)``. Where the data's curvature is small beside 1/σ, the mean

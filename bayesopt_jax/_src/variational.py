@@ -94,8 +94,11 @@ class ScaleByVariationalSigmaFilterState(NamedTuple):
 class ScaleByVariationalNewtonState(ScaleByVariationalSigmaFilterState):
     """State of ``mean_step="newton"``: the same fields, read differently.
 
-    ``hess`` is the per-example data curvature h itself (``curvature_scale``
-    is 1). Where the step has a proximal part (``proximal_eta``), ``nu`` and
+    For ``curvature="variance"``, ``hess`` is r, the EMA of (g − m̂_{t−1})²
+    (not debiased; it starts at ``hess_init/curvature_scale``), and
+    ``curvature_scale`` is B/(1 + (1 − b1)/(1 + b1)), constant: h =
+    ``curvature_scale``·r, as in the variational σ-filter's state. For
+    ``"reparam"``, ``hess`` is h itself (``curvature_scale`` is 1). Where the step has a proximal part (``proximal_eta``), ``nu`` and
     ``sigma`` are the σ-filter's evidence and σ, and 1/σ is added to the
     per-example precision: v = 1/(N(h + 1/σ + δ)). Otherwise both are ``None``.
     σ is 0 until the first update (the filter starts at the fixed point of its
@@ -182,13 +185,6 @@ def precision_tree(state: ScaleByVariationalSigmaFilterState) -> PyTree:
     )
 
 
-def _sampling_buffer(state: ScaleByVariationalSigmaFilterState) -> PyTree:
-    """The buffer the draw reads (scaled by ``curvature_scale``, plus δ): decoded."""
-    if not _has_proximal(state):
-        return _curvature_buffer(state)
-    return precision_tree(state)  # curvature_scale is 1 here
-
-
 def _as_tree(vector: Array, like: PyTree) -> PyTree:
     """One entry of ``vector`` per array leaf of ``like`` (masked nodes kept)."""
     leaves, treedef = jax.tree.flatten(like)
@@ -232,9 +228,15 @@ def noise_tree(state: ScaleByVariationalSigmaFilterState) -> PyTree:
     return treedef.unflatten(out)
 
 
-def _sample_leaf(p, buf, scale, delta, num_data, words, noise_dtype):
-    """``θ̄ + √v ⊙ ε`` for one leaf, in ``p``'s dtype: the pure statement of the draw."""
+def _sample_leaf(p, buf, scale, delta, num_data, words, noise_dtype, sig=None):
+    """``θ̄ + √v ⊙ ε`` for one leaf, in ``p``'s dtype: the pure statement of the draw.
+
+    v = 1/(N(h + δ)) with h = max(scale·buf, 0), plus 1/σ in the precision
+    where ``sig`` (the proximal part's σ) is given.
+    """
     h = _leaf_curvature_at(buf, scale)
+    if sig is not None:
+        h = _precision_leaf(h, sig)
     e = draws.normal(words, buf.shape, noise_dtype)
     p = jnp.asarray(p)
     return (p.astype(e.dtype) + jnp.sqrt(_leaf_variance(h, delta, num_data)) * e).astype(p.dtype)
@@ -247,11 +249,14 @@ def perturb(params: PyTree, state: ScaleByVariationalSigmaFilterState) -> PyTree
     itself: the same bits and uniform ``u`` as :func:`noise_tree`, and ε
     within the float32 error of erf⁻¹ of the pure value (see
     :mod:`bayesopt_jax._src.draws`). Other leaves take the pure statement.
+    The kernel reads the curvature buffer and, for a proximal step, σ.
     """
     state = decoded_state(state)
-    bufs, treedef = jax.tree.flatten(_sampling_buffer(state), is_leaf=_is_masked)
+    bufs, treedef = jax.tree.flatten(_curvature_buffer(state), is_leaf=_is_masked)
     ps = treedef.flatten_up_to(params)
     nus = treedef.flatten_up_to(_shape_buffer(state))
+    proximal = _has_proximal(state)
+    sigs = treedef.flatten_up_to(state.sigma) if proximal else [None] * len(bufs)
     live = [i for i, b in enumerate(bufs) if not _is_masked(b)]  # one δ and words each
     words = draws.step_words(state.key, state.count, len(live))
     out = list(ps)
@@ -259,7 +264,8 @@ def perturb(params: PyTree, state: ScaleByVariationalSigmaFilterState) -> PyTree
     use = native.use_native()
     for n, i in enumerate(live):
         noise_dtype = numerics.real_dtype(numerics.compute_dtype(nus[i].dtype))
-        if use and noise_dtype == jnp.float32 and native.is_sample_leaf(ps[i], bufs[i]):
+        extra = (sigs[i],) if proximal else ()
+        if use and noise_dtype == jnp.float32 and native.is_sample_leaf(ps[i], bufs[i], *extra):
             fast.append((n, i))
             continue
         out[i] = _sample_leaf(
@@ -270,6 +276,7 @@ def perturb(params: PyTree, state: ScaleByVariationalSigmaFilterState) -> PyTree
             state.num_data,
             words[n],
             noise_dtype,
+            sigs[i],
         )
     if fast:
         picked = [n for n, _ in fast]
@@ -279,28 +286,34 @@ def perturb(params: PyTree, state: ScaleByVariationalSigmaFilterState) -> PyTree
         scalars = jnp.stack([jnp.asarray(state.num_data, jnp.float32),
                              jnp.asarray(state.curvature_scale, jnp.float32)])  # fmt: skip
         drawn = _native_sample(
-            scalars, deltas, words, [ps[i] for _, i in fast], [bufs[i] for _, i in fast]
+            scalars,
+            deltas,
+            words,
+            [ps[i] for _, i in fast],
+            [bufs[i] for _, i in fast],
+            [sigs[i] for _, i in fast] if proximal else None,
         )
         for (_, i), x in zip(fast, drawn, strict=True):
             out[i] = x
     return treedef.unflatten(out)
 
 
-def _native_sample(scalars, deltas, words, ps, bufs):
+def _native_sample(scalars, deltas, words, ps, bufs, sigs):
     """The native draw of these leaves; its derivative is the pure statement's."""
 
-    def pure(scalars, deltas, words, ps, bufs):
+    def pure(scalars, deltas, words, ps, bufs, sigs):
+        sigs = [None] * len(ps) if sigs is None else sigs
         return [
-            _sample_leaf(p, b, scalars[1], deltas[n], scalars[0], words[n], jnp.float32)
-            for n, (p, b) in enumerate(zip(ps, bufs, strict=True))
+            _sample_leaf(p, b, scalars[1], deltas[n], scalars[0], words[n], jnp.float32, sg)
+            for n, (p, b, sg) in enumerate(zip(ps, bufs, sigs, strict=True))
         ]
 
     @jax.custom_jvp
-    def kernel(scalars, deltas, words, ps, bufs):
-        return native.sample(scalars, deltas, words, ps, bufs)
+    def kernel(scalars, deltas, words, ps, bufs, sigs):
+        return native.sample(scalars, deltas, words, ps, bufs, sigs)
 
     kernel.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
-    return native.on_cpu(kernel, pure, scalars, deltas, words, ps, bufs)
+    return native.on_cpu(kernel, pure, scalars, deltas, words, ps, bufs, sigs)
 
 
 def initial_prior_precision(params: PyTree, num_data: Any) -> Array:
@@ -355,6 +368,48 @@ def empirical_bayes_prior(params: PyTree, h: PyTree, delta: Array, num_data: Any
 
     out = jax.tree.map(leaf, params, h, _as_tree(delta, h), is_leaf=_is_masked)
     return _as_vector([x for x in jax.tree.leaves(out)], delta.dtype)
+
+
+def _variance_kernel(guards, eta_t, count, prev_count, filter_args, hess_decay, finishes,
+                     reads_inputs=False):  # fmt: skip
+    """The native ``variational``/``variational_momentum`` rule (the σ-filter and the
+    squared deviation's EMA r), or ``None`` where these settings have no native path.
+
+    ``filter_args`` is ``(beta, b1, bias_correction, eps)``; ``finishes`` the
+    finish functions without and with momentum (``None``: no kernel).
+    """
+    beta, b1, bias_correction, eps = filter_args
+    sc = sigma.filter_scalars(guards, eta_t, count, beta, b1, bias_correction, eps, hess_decay)
+    if sc is None:
+        return None
+    momentum = not validation.is_static_zero(b1)
+    rp = 1.0
+    if momentum and bias_correction:  # as the pure path's ``prev_debias``
+        pd = numerics.debias_factor(b1, prev_count, jnp.float32)
+        rp = jnp.where(pd > 0, 1 / jnp.where(pd > 0, pd, 1), 0)
+    scalars = rules.VariationalScalars(*sc, gamma=hess_decay, one_minus_gamma=1 - hess_decay, rp=rp)
+    finish = finishes[1] if momentum else finishes[0]
+    if finish is None:
+        return None
+    rule = "variational_momentum" if momentum else "variational"
+    return engine.Kernel(rule, scalars, finish, reads_inputs)
+
+
+def _deviation(g, m, prev_debias, b1, bias_correction):
+    """g − m̂_{t−1} (g alone without momentum), clipped like a gradient, in g's compute dtype.
+
+    m̂_{t−1} is the debiased gradient mean before this step (0 at the first):
+    the control variate of the curvature estimates.
+    """
+    c = numerics.real_dtype(numerics.compute_dtype(g.dtype))
+    diff = numerics.to_compute(g).astype(c)
+    if m is None:
+        return diff
+    m_prev = m.astype(c)
+    if bias_correction:
+        pd = prev_debias(b1, c)
+        m_prev = jnp.where(pd > 0, m_prev / jnp.where(pd > 0, pd, 1), 0)
+    return numerics.to_compute(diff - m_prev)  # |g - m̂| < sqrt(max)/2: no overflow
 
 
 def _finish(sc: rules.VariationalScalars, g, s, sig, r):
@@ -572,24 +627,18 @@ def scale_by_variational_sigma_filter(
         """The native rule of this step, or ``None`` (``"reparam"`` draws in the rule: none)."""
         if curvature == "reparam":
             return None
-        more = (hess_decay,) if curvature == "variance" else ()
-        sc = sigma.filter_scalars(guards, eta_t, count, beta, b1, bias_correction, eps, *more)
+        if curvature == "variance":
+            return _variance_kernel(
+                guards, eta_t, count, prev_count, (beta, b1, bias_correction, eps), hess_decay,
+                (_finish, _finish_momentum),
+            )  # fmt: skip
+        sc = sigma.filter_scalars(guards, eta_t, count, beta, b1, bias_correction, eps)
         if sc is None:
             return None
-        if curvature == "evidence":  # the σ-filter's step alone
-            if momentum:
-                return engine.Kernel("sigma_momentum", sc, sigma.finish_momentum)
-            return engine.Kernel("sigma", sc, sigma.finish)
-        rp = 1.0
-        if momentum and bias_correction:  # as the pure path's ``prev_debias``
-            pd = numerics.debias_factor(b1, prev_count, jnp.float32)
-            rp = jnp.where(pd > 0, 1 / jnp.where(pd > 0, pd, 1), 0)
-        scalars = rules.VariationalScalars(
-            *sc, gamma=hess_decay, one_minus_gamma=1 - hess_decay, rp=rp
-        )
+        # "evidence": the σ-filter's step alone
         if momentum:
-            return engine.Kernel("variational_momentum", scalars, _finish_momentum)
-        return engine.Kernel("variational", scalars, _finish)
+            return engine.Kernel("sigma_momentum", sc, sigma.finish_momentum)
+        return engine.Kernel("sigma", sc, sigma.finish)
 
     def init_fn(params):
         _check_real_floating(params, learned_prior, where)
@@ -624,16 +673,9 @@ def scale_by_variational_sigma_filter(
             return u, m_out, s_out, sig_out, r_out
 
         def _curvature_step(g, m, r, e, v):
-            c = numerics.real_dtype(numerics.compute_dtype(g.dtype))
-            diff = numerics.to_compute(g).astype(c)
-            if m is not None:
-                m_prev = m.astype(c)
-                if bias_correction:
-                    pd = prev_debias(b1, c)
-                    m_prev = jnp.where(pd > 0, m_prev / jnp.where(pd > 0, pd, 1), 0)
-                diff = numerics.to_compute(diff - m_prev)  # |g - m̂| < sqrt(max)/2: no overflow
+            diff = _deviation(g, m, prev_debias, b1, bias_correction)
             h_hat = diff * diff if curvature == "variance" else e * diff / jnp.sqrt(v)
-            return numerics.ema(h_hat, r.astype(c), hess_decay)
+            return numerics.ema(h_hat, r.astype(diff.dtype), hess_decay)
 
         return leaf
 
@@ -716,10 +758,15 @@ def _newton(
     """``mean_step="newton"``: the variational online-Newton step (:mod:`.newton`).
 
     State (:class:`ScaleByVariationalNewtonState`): the gradient EMA ``mu``,
-    the curvature ``hess`` (h itself: ``curvature_scale`` is 1) and, with a
-    proximal part (``proximal_eta``), the σ-filter's ``nu`` and ``sigma``.
-    The mean's step reads the parameters (the prior's pull δ₀·θ̄), so it
-    runs on the pure path.
+    the curvature ``hess`` and, with a proximal part (``proximal_eta``), the
+    σ-filter's ``nu`` and ``sigma``. With ``"variance"``, ``hess`` holds r,
+    the EMA of (g − m̂_{t−1})², and h = ``curvature_scale``·r (the batch
+    size over the momentum's inflation); with ``"reparam"`` it holds h
+    (``curvature_scale`` 1). With the proximal part, momentum and the
+    variance estimate, float32 leaves on the CPU run the variational
+    σ-filter's native rule for (m, s, σ, r) and XLA forms the mean's step
+    from the new state and the parameters in the loop that applies it; the
+    rest runs the pure statement.
     """
     validation.check_choice(
         "curvature", curvature, NEWTON_CURVATURES, where + ' (mean_step="newton")'
@@ -767,8 +814,23 @@ def _newton(
         hess_slot,
     )
     new_sigma = sigma.filter_rule(sigma_init, sigma_max, max_ratio)
+    guards = sigma.Guards(sigma_init, sigma_max, max_ratio)
     # E(g - m̂_{t-1})² = Var(g)(1 + (1 - b1)/(1 + b1)) for independent gradients
-    batch_scale = 0.0 if batch_size is None else batch_size / (1 + (1 - b1) / (1 + b1))
+    batch_scale = 1.0 if batch_size is None else batch_size / (1 + (1 - b1) / (1 + b1))
+    variance = curvature == "variance"
+    native_ok = proximal and variance and not validation.is_static_zero(b1)
+
+    def finish(sc, args, g, m, s, sig, r, p, delta, e, v):
+        """The mean's step from the native rule's new state (m, s, σ, r) and the parameters."""
+        del s, e, v
+        alpha_t = args[2]
+        f32 = jnp.float32
+        d = jnp.asarray(delta, f32)
+        h = jnp.asarray(batch_scale, f32) * r
+        pull = d if weight_decay is None else jnp.asarray(weight_decay, f32)
+        p32 = jnp.asarray(p).astype(f32)
+        u = newton.mean_step(m * sc.rm, p32, h, jnp.asarray(alpha_t, f32), d + 1 / sig, pull)
+        return numerics.store(u, g.dtype)
 
     def init_fn(params):
         _check_real_floating(params, learned_prior, where)
@@ -786,10 +848,13 @@ def _newton(
             mu=mu_slot.allocate(params, mu_dtype, where),
             nu=nu,
             sigma=sig,
-            hess=hess_slot.allocate(params, hess_dtype, where, value=hess_init),
+            # h = curvature_scale · the stored value (r for "variance", h for "reparam")
+            hess=hess_slot.allocate(params, hess_dtype, where, value=hess_init / batch_scale)
+            if variance
+            else hess_slot.allocate(params, hess_dtype, where, value=hess_init),
             num_data=jnp.asarray(num_data, f),
             prior_precision=_initial_delta(params, num_data, prior_precision),
-            curvature_scale=jnp.ones((), f),
+            curvature_scale=jnp.asarray(batch_scale if variance else 1.0, f),
         )
 
     def make_leaf(args):
@@ -810,15 +875,6 @@ def _newton(
             gc = numerics.to_compute(g).astype(c)
             m_c, h_c = m.astype(c), h.astype(c)
             d = jnp.asarray(delta, c)
-            if curvature == "reparam":
-                # v = 0 only before a proximal step's first evidence (σ = 0): no draw yet
-                h_hat = jnp.where(v > 0, gc * e / jnp.sqrt(jnp.where(v > 0, v, 1)), 0)
-            else:
-                pd = prev_debias(b1, c)
-                m_prev = jnp.where(pd > 0, m_c / jnp.where(pd > 0, pd, 1), 0)
-                diff = numerics.to_compute(gc - m_prev)
-                h_hat = jnp.asarray(batch_scale, c) * diff * diff
-            h_hat = numerics.clip_finite(h_hat)  # B·diff² can overflow; keeps h finite
             s_out = sig_out = None
             prox_prev = prox = jnp.zeros((), c)
             if proximal:
@@ -828,8 +884,18 @@ def _newton(
                 prox = 1 / sig_out.astype(c)
             else:
                 m_new = numerics.ema(gc, m_c, b1)
-            h_new = newton.precision_step(h_c, h_hat, hess_decay, d + prox_prev)
-            m_hat = m_new / debias(b1, c)
+            if variance:
+                # ĥ = B'·(g − m̂_{t−1})² ≥ 0: h, an EMA of it, stays ≥ 0 with no
+                # correction; the state keeps r = h/B' (the variational σ-filter's r)
+                diff = _deviation(g, m, prev_debias, b1, bias_correction)
+                r_new = numerics.ema(diff * diff, h_c, hess_decay)
+                h_new = jnp.asarray(batch_scale, c) * r_new
+            else:
+                # v = 0 only before a proximal step's first evidence (σ = 0): no draw yet
+                h_hat = jnp.where(v > 0, gc * e / jnp.sqrt(jnp.where(v > 0, v, 1)), 0)
+                h_hat = numerics.clip_finite(h_hat)  # keeps h finite
+                r_new = h_new = newton.precision_step(h_c, h_hat, hess_decay, d + prox_prev)
+            m_hat = m_new / debias(b1, c) if bias_correction else m_new
             pull = d if weight_decay is None else jnp.asarray(weight_decay, c)
             u = newton.mean_step(
                 m_hat, jnp.asarray(p).astype(c), h_new, jnp.asarray(alpha_t, c), d + prox, pull
@@ -839,13 +905,13 @@ def _newton(
                 numerics.store(m_new, m.dtype),
                 s_out,
                 sig_out,
-                numerics.store(h_new, h.dtype),
+                numerics.store(r_new, h.dtype),
             )
 
         return leaf
 
     def prepare(state, params=None):
-        """One step; it reads the parameters, so no native kernel runs it."""
+        """One step: the native rule updates the state, XLA forms the step (see above)."""
         count = optax.safe_increment(state.count)
         alpha_t = alpha(state.count) if callable(alpha) else alpha
         eta_t = sigma.eta_at(proximal_eta, state.count) if proximal else None
@@ -853,10 +919,16 @@ def _newton(
         noise = var = None
         if curvature == "reparam":
             noise, var = noise_tree(state), variance_tree(state)
+        kernel = None
+        if native_ok:
+            kernel = _variance_kernel(
+                guards, eta_t, count, state.count, (beta, b1, bias_correction, eps), hess_decay,
+                (None, finish), reads_inputs=True,
+            )  # fmt: skip
         return engine.Prepared(
             make_leaf,
             (count, state.count, alpha_t, eta_t),
-            None,
+            kernel,
             {"count": count},
             inputs=(params, deltas, noise, var),
         )

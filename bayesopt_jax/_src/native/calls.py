@@ -356,14 +356,15 @@ def step(
     return new_ps, new
 
 
-def is_sample_leaf(p: Any, r: Any) -> bool:
-    """Whether the sample kernel takes this leaf: float32 parameters and curvature of one
-    shape, at least one and fewer than ``2**32`` entries (the draw's index is 32 bits)."""
-    return is_native_leaf(p, r) and jnp.size(p) < 2**32
+def is_sample_leaf(p: Any, r: Any, *more: Any) -> bool:
+    """Whether the sample kernel takes this leaf: float32 parameters and curvature (and σ,
+    if given) of one shape, at least one and fewer than ``2**32`` entries (the draw's
+    index is 32 bits)."""
+    return is_native_leaf(p, r, *more) and jnp.size(p) < 2**32
 
 
-def _local_sample(scalars, deltas, words, *leaves):
-    k = len(leaves) // 2
+def _local_sample(scalars, deltas, words, groups, *leaves):
+    k = len(leaves) // groups
     call = jax.ffi.ffi_call(
         SAMPLE_TARGET,
         [jax.typeof(x) for x in leaves[:k]],
@@ -373,19 +374,30 @@ def _local_sample(scalars, deltas, words, *leaves):
     return list(call(scalars, deltas, words, *leaves))
 
 
-def sample(scalars: jax.Array, deltas: jax.Array, words: jax.Array, ps: list, rs: list) -> list:
-    """The variational σ-filter's draw ``p + √v·ε`` over these leaves, ε drawn in the kernel.
+def sample(
+    scalars: jax.Array,
+    deltas: jax.Array,
+    words: jax.Array,
+    ps: list,
+    rs: list,
+    sigmas: list | None = None,
+) -> list:
+    """The variational draw ``p + √v·ε`` over these leaves, ε drawn in the kernel.
 
     ``scalars`` is float32 ``[N, scale]``, ``deltas`` float32 with one δ per
     leaf, ``words`` uint32 ``(leaves, 3)`` (:func:`.draws.step_words`), ``rs``
-    the curvature buffers (see :func:`is_sample_leaf`). The draw depends on
-    each entry's index in its whole leaf, so under a sharded ``jit`` the
-    leaves are gathered (XLA replicates the operands of a call it cannot
-    partition); the pure path partitions.
+    the curvature buffers (see :func:`is_sample_leaf`): v = 1/(N(scale·r + δ)).
+    With ``sigmas`` (σ per leaf, the proximal part of ``variational_newton``),
+    v = 1/(N(scale·r + 1/σ + δ)). The draw depends on each entry's index in
+    its whole leaf, so under a sharded ``jit`` the leaves are gathered (XLA
+    replicates the operands of a call it cannot partition); the pure path
+    partitions.
     """
     out = []
+    groups = (ps, rs) if sigmas is None else (ps, rs, sigmas)
     for part in _groups(len(ps)):
-        out += _local_sample(scalars, deltas[part], words[part], *ps[part], *rs[part])
+        leaves = [x for group in groups for x in group[part]]
+        out += _local_sample(scalars, deltas[part], words[part], len(groups), *leaves)
     return out
 
 

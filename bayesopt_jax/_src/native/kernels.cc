@@ -22,7 +22,9 @@
 // and one kernel that is not a rule, the variational σ-filter's draw:
 //
 //   sample:  args  [N, scale], delta[k], words[k][3] (uint32), p[0..k), r[0..k)
+//                  [, σ[0..k)]
 //            rets  p̃[0..k)
+//            (with σ, the variational online-Newton step's proximal draw)
 //
 // (k = number of leaves). The step kernel also applies the update to the
 // parameters: p ← fma(u + wd·p [if decay], factor, p) with step = [factor, wd]
@@ -415,6 +417,8 @@ BJ_ALWAYS_INLINE void Q8Loop(const typename R::K k, const CodeTables& t, const f
 //   u = (2·(b >> 9) + 1)·2^-23 − 1           exact in float32, in (−1, 1)
 //   ε = √2·erf⁻¹(u)
 //   h = max(scale·r, 0), v = 1/(N·(h + δ)),  p̃ = p + √v·ε
+// or, given σ (the proximal precision of variational_newton),
+//   v = 1/(N·((h + 1/σ) + δ))     (σ = 0: v = 0, the draw is the mean)
 // The bits and u are those of the pure statement exactly. erf⁻¹ is Giles'
 // single-precision approximation (the polynomials XLA's erf⁻¹ evaluates)
 // through w = −log((1−u)(1+u)), with the logarithm below instead of the C
@@ -494,27 +498,33 @@ struct SampleArgs {
   uint32_t k0, k1, k2;
 };
 
-// Entries [begin, begin + n) of one leaf.
+// Entries [begin, begin + n) of one leaf (sig: σ, read only with kProximal).
+template <bool kProximal>
 BJ_ALWAYS_INLINE void SampleLoop(const SampleArgs a, const float* __restrict p,
-                                 const float* __restrict r, float* __restrict out, int64_t begin,
-                                 int64_t n) {
+                                 const float* __restrict r, const float* __restrict sig,
+                                 float* __restrict out, int64_t begin, int64_t n) {
   const uint32_t first = static_cast<uint32_t>(begin);
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     const float eps =
         NormalFromUniform(UniformFromIndex(first + static_cast<uint32_t>(i), a.k0, a.k1, a.k2));
-    const float h = MaxNan(a.scale * r[i], 0.0f);
+    float h = MaxNan(a.scale * r[i], 0.0f);
+    if constexpr (kProximal) h = h + 1.0f / sig[i];
     const float v = 1.0f / (a.num_data * (h + a.delta));
     out[i] = p[i] + std::sqrt(v) * eps;
   }
 }
 
-using SampleFn = void (*)(const SampleArgs&, const float*, const float*, float*, int64_t,
-                          int64_t);
+using SampleFn = void (*)(const SampleArgs&, const float*, const float*, const float*, float*,
+                          int64_t, int64_t);
 #define BJ_DEFINE_SAMPLE(SUFFIX, ATTRIBUTES)                                                  \
   ATTRIBUTES void Sample##SUFFIX(const SampleArgs& a, const float* p, const float* r,         \
-                                 float* out, int64_t begin, int64_t n) {                      \
-    SampleLoop(a, p, r, out, begin, n);                                                       \
+                                 const float* sig, float* out, int64_t begin, int64_t n) {    \
+    if (sig == nullptr) {                                                                     \
+      SampleLoop<false>(a, p, r, sig, out, begin, n);                                         \
+    } else {                                                                                  \
+      SampleLoop<true>(a, p, r, sig, out, begin, n);                                          \
+    }                                                                                         \
   }
 
 // One compiled copy of the loops per instruction set. The library itself is
@@ -923,7 +933,9 @@ ffi::Error Sample(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Buff
                   ffi::Buffer<ffi::U32> words, ffi::RemainingArgs args, ffi::RemainingRets rets) {
   std::vector<std::vector<ffi::AnyBuffer>> in, out;
   std::vector<int64_t> sizes;
-  if (auto e = Gather(args, rets, 2, 1, in, out, sizes); e.failure()) return e;
+  // p and r per leaf, and σ per leaf for the proximal draw
+  const size_t groups = rets.size() > 0 && args.size() == 3 * rets.size() ? 3 : 2;
+  if (auto e = Gather(args, rets, groups, 1, in, out, sizes); e.failure()) return e;
   const size_t k = sizes.size();
   if (scalars.element_count() != 2 || delta.element_count() != k ||
       words.element_count() != 3 * k) {
@@ -942,10 +954,13 @@ ffi::Error Sample(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Buff
                               w[3 * i + 2]};
   }
   const SampleFn fn = Active().sample;
-  ParallelFor(pool, MakeChunks(sizes), Total(sizes), [leaf_args, in, out, fn](const Chunk& c) {
-    fn(leaf_args[c.leaf], F32(in[0][c.leaf]) + c.begin, F32(in[1][c.leaf]) + c.begin,
-       F32(out[0][c.leaf]) + c.begin, c.begin, c.end - c.begin);
-  });
+  ParallelFor(pool, MakeChunks(sizes), Total(sizes),
+              [leaf_args, in, out, fn, groups](const Chunk& c) {
+                const float* sig = groups == 3 ? F32(in[2][c.leaf]) + c.begin : nullptr;
+                fn(leaf_args[c.leaf], F32(in[0][c.leaf]) + c.begin,
+                   F32(in[1][c.leaf]) + c.begin, sig, F32(out[0][c.leaf]) + c.begin, c.begin,
+                   c.end - c.begin);
+              });
   return ffi::Error::Success();
 }
 
@@ -1047,7 +1062,7 @@ BJ_RULES(BJ_REGISTER_ONE, )
 // update, step and 8-bit handler symbols joined by ","), whose names, state
 // and scalar counts rules.py must equal; the loader registers the handlers
 // named here.
-#define BJ_ABI_VERSION 7
+#define BJ_ABI_VERSION 8
 extern "C" int bj_native_abi_version() { return BJ_ABI_VERSION; }
 
 extern "C" const char* bj_native_rules() {

@@ -14,7 +14,7 @@ import jax
 from bayesopt_jax._src.native import rules
 
 HERE = Path(__file__).resolve().parent
-ABI_VERSION = 7  # kernels.cc's BJ_ABI_VERSION
+ABI_VERSION = 8  # kernels.cc's BJ_ABI_VERSION
 
 
 RULES = rules.RULES  # the rule table, declared once (rules.py)

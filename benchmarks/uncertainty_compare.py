@@ -392,7 +392,10 @@ def newton_settings(method: str) -> dict:
     """Arguments of ``variational_sigma_filter(mean_step="newton")`` from a method name.
 
     ``newton`` alone: the mode's defaults; ``newton-ivon``: IVON's configuration;
-    ``newton[curvature,a=α,d=δ,h0=h₀,g=γ,b1=β₁]`` any of them.
+    ``newton[curvature,a=α,d=δ,h0=h₀,g=γ,b1=β₁]`` any of them; ``wd=δ₀``,
+    ``pe=η`` (``none``: no proximal part), ``nx=c`` (N·c), and ``pv=0``, an
+    experiment: the draws without the proximal precision, v = 1/(N(h + δ)),
+    the mean's step unchanged (``run`` patches the library for it).
     """
     if method == "newton-ivon":
         method = NEWTON_IVON
@@ -401,7 +404,7 @@ def newton_settings(method: str) -> dict:
         return out
     names = {
         "a": "learning_rate", "d": "prior_precision", "wd": "weight_decay", "h0": "hess_init",
-        "g": "hess_decay", "b1": "b1", "pe": "proximal_eta", "nx": "nx",
+        "g": "hess_decay", "b1": "b1", "pe": "proximal_eta", "nx": "nx", "pv": "pv",
     }  # fmt: skip
     for part in method[method.index("[") + 1 : -1].split(","):
         if "=" in part:
@@ -453,6 +456,7 @@ def run_jax(method: str, data: dict, seed: int, args):
     elif method.startswith("newton"):
         settings = newton_settings(method)
         scale = settings.pop("nx", 1.0)  # a tempered posterior: num_data = nx·N
+        settings.pop("pv", None)  # read by run()
         tx = bj.variational_newton(
             num_data=n * scale, batch_size=args.batch_size, key=seed, **settings
         )
@@ -791,6 +795,14 @@ def run(method, data, seed, args):
         return run_ivon(data, seed, args)
     if method == "laplace":
         return run_laplace(data, seed, args)
+    if method.startswith("newton") and newton_settings(method).get("pv") == 0.0:
+        # experiment: the draws without the proximal precision, v = 1/(N(h + δ))
+        from unittest import mock
+
+        from bayesopt_jax._src import variational
+
+        with mock.patch.object(variational, "_has_proximal", lambda state: False):
+            return run_jax(method, data, seed, args)
     return run_jax(method, data, seed, args)
 
 

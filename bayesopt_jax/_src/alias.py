@@ -582,17 +582,25 @@ def variational_newton(
 
     .. math::
         g_t &= \beta_1 g_{t-1} + (1-\beta_1)\hat g_t, \qquad
-        h_t = \gamma h_{t-1} + (1-\gamma)\hat h_t
-              + \tfrac12(1-\gamma)^2\frac{(h_{t-1}-\hat h_t)^2}{h_{t-1}+\delta}, \\
-        m_t &= m_{t-1} - \alpha_t\,\frac{g_t/(1-\beta_1^t) + \delta_0\, m_{t-1}}{h_t+\delta},
-        \qquad v_t = \frac{1}{N(h_t+\delta)} .
+        h_t = \gamma h_{t-1} + (1-\gamma)\hat h_t, \\
+        m_t &= m_{t-1} - \alpha_t\,\frac{g_t/(1-\beta_1^t) + \delta_0\, m_{t-1}}
+                                     {h_t+\delta+1/\sigma_t},
+        \qquad v_t = \frac{1}{N(h_t+\delta+1/\sigma_t)} ,
+
+    with σ_t the σ-filter's variance run on the same gradients with
+    η = ``proximal_eta`` (the term 1/σ is absent with ``proximal_eta=None``)
+    and ĥ = B(ĝ − m̂_{t−1})²/(1 + (1−β₁)/(1+β₁)) for the default curvature.
+    With ``curvature="reparam"`` the curvature's update adds Lin et al.'s
+    ½(1−γ)²(h−ĥ)²/(h+δ+1/σ_{t−1}), which keeps it positive.
 
     The prior has precision Nδ per weight, of which Nδ₀ (``weight_decay``)
-    is centred at zero and pulls the mean, and the rest is centred at the
-    current mean (a proximal term that widens nothing and damps the step).
-    With δ₀ = δ it is the natural-gradient step of the evidence lower bound
+    is centred at zero and pulls the mean, and the rest, with N/σ_t, is
+    centred at the current mean (a proximal term that pulls nowhere).
+    Where h + δ ≪ 1/σ (most weights) the step is α·σ_t·(m̂ + δ₀m), the
+    σ-filter's, and the draws' variance is σ_t/N.
+    Without the proximal part and with δ₀ = δ it is the natural-gradient step of the evidence lower bound
     with the prior N(0, 1/(Nδ)); with ``curvature="reparam"``
-    (:math:`\hat h = \hat g\,\varepsilon/\sqrt v`), δ₀ = δ,
+    (:math:`\hat h = \hat g\,\varepsilon/\sqrt v`), no proximal part, δ₀ = δ,
     ``hess_init`` = h₀ and ``hess_decay`` = β₂ it is IVON (Shen et al.,
     2024) with IVON's ``lr·(h₀+δ)`` as ``learning_rate``. The default
     curvature is the gradient variance (:func:`scale_by_variational_sigma_filter`),
@@ -612,11 +620,18 @@ def variational_newton(
       hess_init: h₀ ≥ 0, the curvature before any data.
       hess_decay: γ in [0, 1), the curvature's decay.
       b1: the gradient EMA's decay.
+      proximal_eta: η of the σ-filter whose 1/σ is the proximal precision, or
+        ``None`` for no proximal part.
+      beta: that σ-filter's evidence decay.
+      max_ratio: that σ-filter's cap on σ relative to its fixed point (``None``: no cap).
       mu_dtype: storage of the gradient EMA (a dtype or :class:`~bayesopt_jax.Blockwise8`).
-      nu_dtype: storage of the ``"variance"`` curvature, likewise.
+      nu_dtype: storage of the ``"variance"`` curvature and the evidence, likewise.
+      sigma_dtype: storage of σ, likewise.
 
     Returns:
-      An ``optax.GradientTransformation``; its ``update`` needs ``params``.
+      An ``optax.GradientTransformation``; its ``update`` needs ``params``. On
+      the CPU, with the proximal part and the default curvature, float32
+      leaves run the variational σ-filter's native rule for the state.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax

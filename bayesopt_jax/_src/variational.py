@@ -98,9 +98,10 @@ class ScaleByVariationalNewtonState(ScaleByVariationalSigmaFilterState):
     (not debiased; it starts at ``hess_init/curvature_scale``), and
     ``curvature_scale`` is B/(1 + (1 − b1)/(1 + b1)), constant: h =
     ``curvature_scale``·r, as in the variational σ-filter's state. For
-    ``"reparam"``, ``hess`` is h itself (``curvature_scale`` is 1). Where the step has a proximal part (``proximal_eta``), ``nu`` and
-    ``sigma`` are the σ-filter's evidence and σ, and 1/σ is added to the
-    per-example precision: v = 1/(N(h + 1/σ + δ)). Otherwise both are ``None``.
+    ``"reparam"``, ``hess`` is h itself (``curvature_scale`` is 1). Where the
+    step has a proximal part (``proximal_eta``), ``nu`` and ``sigma`` are the
+    σ-filter's evidence and σ, and 1/σ is added to the per-example
+    precision: v = 1/(N(h + 1/σ + δ)). Otherwise both are ``None``.
     σ is 0 until the first update (the filter starts at the fixed point of its
     first evidence), so v is 0 then: the first draw is the mean itself.
     """
